@@ -1,0 +1,49 @@
+"""Settings of one peersig server, as a frozen value built by ``tap.Options``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+RoomBy = Literal["token", "key", "none"]
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    path: str = "/"
+    key: str = "peerjs"
+    room_by: RoomBy = "token"
+    room_size: int = 4
+    max_peers: int = 10000
+    max_peers_per_ip: int = 64
+    trusted_proxies: int = 0
+    ping_interval: float = 2.5
+    alive_timeout: float = 5.0
+    sweep_interval: float = 1.0
+    max_message_size: int = 65536
+    rate_limit: float = 100.0
+    rate_limit_grace: float = 5.0
+    queue_limit: int = 50
+    room_queue_limit: int = 200
+    total_queue_bytes: int = 64 * 1024 * 1024
+    expire_timeout: float = 5.0
+    allow_discovery: bool = False
+    allowed_origins: tuple[str, ...] = field(default_factory=tuple)
+    secret: bytes | None = None
+    bad_frame_limit: int = 10
+
+    @property
+    def dead_after(self) -> float:
+        """Silence after which a peer is presumed dead: dropped by the sweep, and its id
+        free for a newcomer.
+
+        The sweep runs every ``sweep_interval``, so it drops a peer that would pass
+        ``alive_timeout`` before the next sweep: nobody stays silent longer than the timeout.
+        A healthy peer was pinged at ``ping_interval`` and has answered long before.
+        """
+        return self.alive_timeout - self.sweep_interval
+
+    def origin_allowed(self, origin: str | None) -> bool:
+        if not self.allowed_origins:
+            return True
+        return origin is not None and origin in self.allowed_origins

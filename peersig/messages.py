@@ -1,0 +1,136 @@
+"""The PeerJS wire format: frame parsing, frame encoding, id and room-name rules.
+
+Pure functions, no Twisted. Incoming frames are decoded once here; everything past
+``parse_frame`` works with typed values. Outgoing frames are built as bytes directly,
+because every id that reaches an encoder has passed ``valid_id`` (no JSON escaping needed)
+and relay payloads are passed through as already-encoded JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Final, NamedTuple
+
+# Types a client may send.
+HEARTBEAT: Final = "HEARTBEAT"
+OFFER: Final = "OFFER"
+ANSWER: Final = "ANSWER"
+CANDIDATE: Final = "CANDIDATE"
+LEAVE: Final = "LEAVE"
+EXPIRE: Final = "EXPIRE"
+RELAYED: Final = frozenset({OFFER, ANSWER, CANDIDATE, LEAVE, EXPIRE})
+# Relays that are queued for an offline destination (LEAVE and EXPIRE never are).
+QUEUED: Final = frozenset({OFFER, ANSWER, CANDIDATE})
+CLIENT_TYPES: Final = frozenset({HEARTBEAT}) | RELAYED
+
+# Error texts (payload.msg of an ERROR frame).
+E_MISSING_PARAMS: Final = "No id, token, or key supplied to websocket server"
+E_INVALID_KEY: Final = "Invalid key provided"
+E_INVALID_TOKEN: Final = "Invalid token provided"
+E_INVALID_ID: Final = "Invalid id"
+E_INVALID_ROOM: Final = "Invalid room name"
+E_SERVER_FULL: Final = "Server has reached its concurrent user limit"
+E_ADDRESS_FULL: Final = "Too many connections from your address"
+E_RATE_LIMIT: Final = "Rate limit exceeded"
+E_INTERNAL: Final = "Internal server error"
+E_ID_TAKEN: Final = "ID is taken"
+
+
+def room_full_text(size: int) -> str:
+    return f"Room is full ({size} peers)"
+
+
+# WebSocket close codes.
+CLOSE_NORMAL: Final = 1000
+CLOSE_GOING_AWAY: Final = 1001
+CLOSE_UNSUPPORTED: Final = 1003
+CLOSE_POLICY: Final = 1008
+CLOSE_TOO_BIG: Final = 1009
+CLOSE_INTERNAL: Final = 1011
+
+MAX_ID_LENGTH: Final = 64
+MAX_ROOM_LENGTH: Final = 128
+_ID_RE: Final = re.compile(r"[A-Za-z0-9]+(?:[ _-][A-Za-z0-9]+)*")
+_ROOM_RE: Final = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+
+
+def valid_id(value: str) -> bool:
+    """The stock client's own id rule, bounded to 64 characters."""
+    return len(value) <= MAX_ID_LENGTH and _ID_RE.fullmatch(value) is not None
+
+
+def valid_room(value: str) -> bool:
+    return _ROOM_RE.fullmatch(value) is not None
+
+
+class BadFrame(Exception):
+    """A text frame that is not a message we accept; ``reason`` names the metric label."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class Inbound(NamedTuple):
+    type: str
+    dst: str | None
+    payload: bytes | None  # the payload re-encoded as compact JSON, or None when absent
+
+
+def _reject_constant(name: str) -> None:
+    # NaN and Infinity are not JSON; a browser's JSON.parse would choke on them.
+    raise ValueError(name)
+
+
+_decode = json.JSONDecoder(parse_constant=_reject_constant).decode
+# ASCII-only output: a payload with lone surrogates (legal as \u escapes) stays encodable.
+_encode = json.JSONEncoder(separators=(",", ":")).encode
+
+
+def parse_frame(data: bytes) -> Inbound:
+    """Decode one text frame. Raises ``BadFrame`` for anything we do not accept.
+
+    Invalid UTF-8 fails here too, so the transport need not validate it separately.
+    """
+    try:
+        obj = _decode(data.decode("utf-8"))
+    except (ValueError, RecursionError):
+        raise BadFrame("bad_json") from None
+    if type(obj) is not dict:
+        raise BadFrame("not_object")
+    mtype = obj.get("type")
+    if mtype not in CLIENT_TYPES:
+        raise BadFrame("bad_type")
+    if mtype == HEARTBEAT:
+        return Inbound(HEARTBEAT, None, None)
+    dst = obj.get("dst")
+    if type(dst) is not str or not dst:
+        raise BadFrame("no_dst")
+    payload = obj.get("payload")
+    return Inbound(mtype, dst, None if "payload" not in obj else _encode(payload).encode())
+
+
+OPEN_FRAME: Final = b'{"type":"OPEN"}'
+ID_TAKEN_FRAME: Final = b'{"type":"ID-TAKEN","payload":{"msg":"ID is taken"}}'
+
+
+def error_frame(msg: str) -> bytes:
+    return _encode({"type": "ERROR", "payload": {"msg": msg}}).encode()
+
+
+def relay_frame(mtype: str, src: str, dst: str, payload: bytes | None) -> bytes:
+    """``{"type","src","dst","payload"}``; ``src`` and ``dst`` must be valid ids."""
+    head = f'{{"type":"{mtype}","src":"{src}","dst":"{dst}"'.encode()
+    if payload is None:
+        return head + b"}"
+    return b"".join((head, b',"payload":', payload, b"}"))
+
+
+def leave_frame(src: str) -> bytes:
+    return f'{{"type":"LEAVE","src":"{src}"}}'.encode()
+
+
+def expire_frame(src: str, dst: str) -> bytes:
+    """EXPIRE back to ``dst`` about unreachable ``src``; ``src`` may be any client text."""
+    return _encode({"type": EXPIRE, "src": src, "dst": dst}).encode()

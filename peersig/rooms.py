@@ -1,0 +1,407 @@
+"""Rooms and the registry: who may join, who can reach whom, offline queues, departures.
+
+``Hub`` is the whole signaling core of one process, free of Twisted's networking: it is
+handed transports (``PeerTransport``) and a clock, so tests drive it synchronously with
+``twisted.internet.task.Clock`` and fake transports.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import NamedTuple
+
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+
+from . import tokens
+from .config import Config
+from .messages import (
+    CLOSE_GOING_AWAY,
+    CLOSE_INTERNAL,
+    CLOSE_NORMAL,
+    CLOSE_POLICY,
+    E_ADDRESS_FULL,
+    E_INTERNAL,
+    E_INVALID_ID,
+    E_INVALID_KEY,
+    E_INVALID_ROOM,
+    E_INVALID_TOKEN,
+    E_MISSING_PARAMS,
+    E_RATE_LIMIT,
+    E_SERVER_FULL,
+    ID_TAKEN_FRAME,
+    OPEN_FRAME,
+    QUEUED,
+    Inbound,
+    error_frame,
+    expire_frame,
+    leave_frame,
+    relay_frame,
+    room_full_text,
+    valid_id,
+    valid_room,
+)
+from .session import CLOSED, MAX_CONTACTS, PeerTransport, Session
+from .stats import Stats
+
+log = Logger()
+
+
+class JoinRequest(NamedTuple):
+    """The query of a WebSocket upgrade, URL-decoded; empty strings when absent."""
+
+    key: str
+    id: str
+    token: str
+    address: str
+
+
+class OfflineQueue:
+    """Messages for one id that is not connected (yet) in its room."""
+
+    __slots__ = ("created", "frames", "nbytes", "told")
+
+    def __init__(self, now: float) -> None:
+        self.created = now
+        self.frames: list[tuple[str, bytes]] = []  # (sender id, ready frame)
+        self.nbytes = 0
+        self.told: set[str] = set()  # senders already sent their EXPIRE
+
+
+class Room:
+    __slots__ = ("name", "peers", "queued", "queues")
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.peers: dict[str, Session] = {}
+        self.queues: dict[str, OfflineQueue] = {}
+        self.queued = 0  # messages in all queues of this room
+
+
+class Hub:
+    def __init__(self, config: Config, clock: IReactorTime) -> None:
+        self.config = config
+        self.clock = clock
+        self.rooms: dict[str, Room] = {}
+        self.sessions: set[Session] = set()
+        self.per_address: dict[str, int] = {}
+        self.queued_bytes = 0
+        self.rooms_with_queues: set[Room] = set()
+        self.stats = Stats()
+        self.started = clock.seconds()
+        self.draining = False
+        # LEAVE on departure goes to the whole room, except in ``none`` mode, where the
+        # "room" is everyone and only the peers one talked to are told.
+        self._track_contacts = config.room_by == "none"
+
+    # -- joining ---------------------------------------------------------------------------
+
+    def _reject(self, transport: PeerTransport, outcome: str, msg: str) -> None:
+        self.stats.connections[outcome] += 1
+        log.info("join rejected: {reason}", reason=outcome)
+        transport.send_frame(error_frame(msg))
+        transport.close_with(CLOSE_POLICY, msg)
+
+    def room_name(self, req: JoinRequest) -> str:
+        mode = self.config.room_by
+        if mode == "key":
+            return req.key
+        if mode == "none":
+            return ""
+        if self.config.secret is not None:
+            return req.token.partition(tokens.SEP)[0]
+        return req.token
+
+    def join(self, transport: PeerTransport, req: JoinRequest) -> Session | None:
+        """Register a peer, or reject it with an ERROR frame and a close."""
+        cfg = self.config
+        if not (req.id and req.token and req.key):
+            self._reject(transport, "missing_params", E_MISSING_PARAMS)
+            return None
+        if cfg.room_by != "key" and req.key != cfg.key:
+            self._reject(transport, "invalid_key", E_INVALID_KEY)
+            return None
+        name = self.room_name(req)
+        if cfg.room_by != "none" and not valid_room(name):
+            self._reject(transport, "invalid_room", E_INVALID_ROOM)
+            return None
+        if not valid_id(req.id):
+            self._reject(transport, "invalid_id", E_INVALID_ID)
+            return None
+        now = self.clock.seconds()
+        if cfg.secret is not None:
+            signed = tokens.split(req.token)
+            signed_room = name if cfg.room_by != "none" else cfg.key
+            if signed is None or not tokens.verify(cfg.secret, signed, signed_room, req.id, now):
+                self._reject(transport, "invalid_token", E_INVALID_TOKEN)
+                return None
+        room = self.rooms.get(name)
+        holder = room.peers.get(req.id) if room is not None else None
+        if holder is not None:
+            assert room is not None
+            if not self._may_take_over(holder, req, now):
+                self.stats.connections["id_taken"] += 1
+                log.info("join rejected: {reason}", reason="id_taken")
+                transport.send_frame(ID_TAKEN_FRAME)
+                transport.close_with(CLOSE_POLICY, "ID is taken")
+                return None
+            return self._take_over(holder, transport, req, now)
+        if len(self.sessions) >= cfg.max_peers:
+            self._reject(transport, "server_full", E_SERVER_FULL)
+            return None
+        if cfg.max_peers_per_ip and self.per_address.get(req.address, 0) >= cfg.max_peers_per_ip:
+            self._reject(transport, "address_full", E_ADDRESS_FULL)
+            return None
+        if (
+            cfg.room_by != "none"
+            and cfg.room_size
+            and room is not None
+            and len(room.peers) >= cfg.room_size
+        ):
+            self._reject(transport, "room_full", room_full_text(cfg.room_size))
+            return None
+        if room is None:
+            room = self.rooms[name] = Room(name)
+        session = Session(self, transport, room, req.id, req.token, req.address, now)
+        self._register(session, "opened")
+        return session
+
+    def _may_take_over(self, holder: Session, req: JoinRequest, now: float) -> bool:
+        cfg = self.config
+        if now - holder.last_seen > cfg.dead_after:
+            return True
+        if cfg.secret is not None:
+            return True  # the newcomer's signature for (room, id) was checked already
+        return cfg.room_by != "token" and holder.token == req.token
+
+    def _take_over(
+        self, holder: Session, transport: PeerTransport, req: JoinRequest, now: float
+    ) -> Session:
+        # Not a departure: the room hears nothing, so the reconnecting client's peer
+        # connections survive.
+        self._forget(holder)
+        holder.transport.close_with(CLOSE_NORMAL, "Replaced by a new connection")
+        session = Session(self, transport, holder.room, req.id, req.token, req.address, now)
+        session.contacts = holder.contacts
+        self._register(session, "takeover")
+        return session
+
+    def _register(self, session: Session, outcome: str) -> None:
+        room = session.room
+        room.peers[session.id] = session
+        self.sessions.add(session)
+        self.per_address[session.address] = self.per_address.get(session.address, 0) + 1
+        self.stats.connections[outcome] += 1
+        log.debug("peer {peer_id} {outcome} in {room}", peer_id=session.id, outcome=outcome,
+                  room=room.name)
+        session.transport.send_frame(OPEN_FRAME)
+        queue = room.queues.pop(session.id, None)
+        if queue is not None:
+            self._drop_queue(room, queue)
+            for _sender, frame in queue.frames:
+                session.transport.send_frame(frame)
+
+    # -- relaying --------------------------------------------------------------------------
+
+    def route(self, sender: Session, msg: Inbound) -> None:
+        stats = self.stats
+        mtype = msg.type
+        stats.received[mtype] += 1
+        room = sender.room
+        dst = msg.dst
+        assert dst is not None
+        target = room.peers.get(dst)
+        if target is not None:
+            target.transport.send_frame(relay_frame(mtype, sender.id, dst, msg.payload))
+            stats.relayed[mtype] += 1
+            if self._track_contacts:
+                _remember(sender, dst)
+                _remember(target, sender.id)
+            return
+        if mtype not in QUEUED:
+            stats.drops["offline"] += 1
+            return
+        if not valid_id(dst):
+            # No peer can ever hold this id: say so at once.
+            stats.drops["invalid_dst"] += 1
+            self._expire(sender, dst)
+            return
+        self._enqueue(sender, room, dst, relay_frame(mtype, sender.id, dst, msg.payload))
+
+    def _enqueue(self, sender: Session, room: Room, dst: str, frame: bytes) -> None:
+        cfg = self.config
+        queue = room.queues.get(dst)
+        room_cap = cfg.room_queue_limit if cfg.room_by != "none" else 0
+        if (
+            (queue is not None and len(queue.frames) >= cfg.queue_limit)
+            or (room_cap and room.queued >= room_cap)
+            or self.queued_bytes + len(frame) > cfg.total_queue_bytes
+        ):
+            # Keep the oldest messages; the sender learns at once, once per pair.
+            self.stats.drops["queue_full"] += 1
+            if queue is None:
+                self._expire(sender, dst)
+            elif sender.id not in queue.told:
+                queue.told.add(sender.id)
+                self._expire(sender, dst)
+            return
+        if queue is None:
+            queue = room.queues[dst] = OfflineQueue(self.clock.seconds())
+            self.rooms_with_queues.add(room)
+        queue.frames.append((sender.id, frame))
+        queue.nbytes += len(frame)
+        room.queued += 1
+        self.queued_bytes += len(frame)
+
+    def _drop_queue(self, room: Room, queue: OfflineQueue) -> None:
+        room.queued -= len(queue.frames)
+        self.queued_bytes -= queue.nbytes
+        if not room.queues:
+            self.rooms_with_queues.discard(room)
+
+    def _expire(self, sender: Session, unreachable: str) -> None:
+        self.stats.expiries += 1
+        sender.transport.send_frame(expire_frame(unreachable, sender.id))
+
+    def expire_queues(self, now: float) -> None:
+        deadline = now - self.config.expire_timeout
+        for room in list(self.rooms_with_queues):
+            for dst, queue in list(room.queues.items()):
+                if queue.created > deadline:
+                    continue
+                del room.queues[dst]
+                self._drop_queue(room, queue)
+                for sender_id, _frame in queue.frames:
+                    if sender_id in queue.told:
+                        continue
+                    queue.told.add(sender_id)
+                    sender = room.peers.get(sender_id)
+                    if sender is not None:
+                        self._expire(sender, dst)
+                self.stats.drops["expired"] += len(queue.frames)
+
+    # -- bad input -------------------------------------------------------------------------
+
+    def bad_frame(self, session: Session, reason: str) -> None:
+        self.stats.drops[reason] += 1
+        session.bad_frames += 1
+        log.debug("bad frame from {peer_id}: {reason}", peer_id=session.id, reason=reason)
+        if session.bad_frames > self.config.bad_frame_limit:
+            self.depart(session, "bad_frames")
+            session.transport.close_with(CLOSE_POLICY, "Too many invalid messages")
+
+    def rate_limited(self, session: Session, limited_for: float) -> None:
+        self.stats.drops["rate_limit"] += 1
+        self.stats.rate_limited += 1
+        if limited_for >= self.config.rate_limit_grace:
+            self.depart(session, "rate_limit")
+            session.transport.send_frame(error_frame(E_RATE_LIMIT))
+            session.transport.close_with(CLOSE_POLICY, E_RATE_LIMIT)
+
+    def internal_error(self, session: Session) -> None:
+        self.depart(session, "internal_error")
+        session.transport.send_frame(error_frame(E_INTERNAL))
+        session.transport.close_with(CLOSE_INTERNAL, E_INTERNAL)
+
+    # -- leaving ---------------------------------------------------------------------------
+
+    def _forget(self, session: Session) -> None:
+        session.state = CLOSED
+        self.sessions.discard(session)
+        left = self.per_address[session.address] - 1
+        if left:
+            self.per_address[session.address] = left
+        else:
+            del self.per_address[session.address]
+
+    def depart(self, session: Session, reason: str, notify: bool = True) -> None:
+        """The peer is gone (closed, timed out or cut off): tell its room once."""
+        if session.state == CLOSED:
+            return
+        self._forget(session)
+        self.stats.disconnections[reason] += 1
+        room = session.room
+        if room.peers.get(session.id) is session:
+            del room.peers[session.id]
+        log.debug("peer {peer_id} left {room}: {reason}", peer_id=session.id, room=room.name,
+                  reason=reason)
+        frame = leave_frame(session.id)
+        if not notify:
+            pass
+        elif session.contacts is not None:
+            for other_id in session.contacts:
+                other = room.peers.get(other_id)
+                if other is not None:
+                    other.transport.send_frame(frame)
+        elif not self._track_contacts:
+            for other in room.peers.values():
+                other.transport.send_frame(frame)
+        if not room.peers:
+            # Nobody left to deliver to or to tell: forget the room and its queues.
+            del self.rooms[room.name]
+            for queue in room.queues.values():
+                self.queued_bytes -= queue.nbytes
+            room.queues.clear()
+            self.rooms_with_queues.discard(room)
+
+    # -- liveness --------------------------------------------------------------------------
+
+    def sweep(self) -> None:
+        """Ping idle peers, drop silent ones, expire queues. Never raises for one peer."""
+        cfg = self.config
+        now = self.clock.seconds()
+        started = now
+        ping_after = cfg.ping_interval
+        dead_after = cfg.dead_after
+        for session in list(self.sessions):
+            idle = now - session.last_seen
+            try:
+                if idle > dead_after:
+                    self.depart(session, "timeout")
+                    session.transport.abort_connection()
+                elif idle > ping_after and now - session.pinged_at >= ping_after:
+                    session.pinged_at = now
+                    session.transport.send_ping()
+            except Exception:
+                self.stats.sweep_errors += 1
+                log.failure("sweep failed for one peer")
+        try:
+            self.expire_queues(now)
+        except Exception:
+            self.stats.sweep_errors += 1
+            log.failure("queue expiry failed")
+        self.stats.sweeps += 1
+        self.stats.sweep_seconds = self.clock.seconds() - started
+
+    def close_all(self, code: int = CLOSE_GOING_AWAY, reason: str = "Server shutting down") -> None:
+        for session in list(self.sessions):
+            self.depart(session, "shutdown", notify=False)
+            session.transport.close_with(code, reason)
+
+    # -- HTTP helpers ----------------------------------------------------------------------
+
+    def _http_room(self, key: str, token: str) -> Room | None:
+        mode = self.config.room_by
+        name = key if mode == "key" else "" if mode == "none" else token
+        return self.rooms.get(name)
+
+    def new_id(self, key: str) -> str:
+        """A UUID4 no peer of the key's namespace holds (in ``token`` mode the room is
+        unknown to this request, and 122 random bits have to do)."""
+        room = self._http_room(key, "")
+        while True:
+            candidate = str(uuid.uuid4())
+            if room is None or candidate not in room.peers:
+                return candidate
+
+    def list_peers(self, key: str, token: str) -> list[str]:
+        room = self._http_room(key, token)
+        return [] if room is None else list(room.peers)
+
+
+def _remember(session: Session, other_id: str) -> None:
+    contacts = session.contacts
+    if contacts is None:
+        contacts = session.contacts = set()
+    if len(contacts) < MAX_CONTACTS:
+        contacts.add(other_id)

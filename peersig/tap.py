@@ -1,0 +1,179 @@
+"""``twistd peersig``: the command-line options and ``makeService``.
+
+Every option can also be given as an environment variable ``PEERSIG_<OPTION>`` (upper
+case, ``-`` as ``_``), for systemd's ``EnvironmentFile=``; the command line wins.
+Repeatable options take a comma-separated list from the environment.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from twisted.application.service import IService
+from twisted.python import usage
+
+from .config import Config
+from .tokens import read_secret
+
+DEFAULT_PORT = "tcp:9000"
+ROOM_MODES = ("token", "key", "none")
+
+
+def _positive_int(value: str) -> int:
+    number = int(value)
+    if number < 0:
+        raise ValueError("must not be negative")
+    return number
+
+
+def _positive_float(value: str) -> float:
+    number = float(value)
+    if not number > 0:
+        raise ValueError("must be positive")
+    return number
+
+
+def _room_mode(value: str) -> str:
+    if value not in ROOM_MODES:
+        raise ValueError(f"must be one of {', '.join(ROOM_MODES)}")
+    return value
+
+
+class Options(usage.Options):
+    synopsis = "[options]"
+    longdesc = (
+        "A PeerJS-compatible WebRTC signaling server. Every option may also be set "
+        "through the environment as PEERSIG_<OPTION> (e.g. PEERSIG_ROOM_SIZE=4); "
+        "repeatable options take a comma-separated list there."
+    )
+    optParameters: list[list[Any]] = [
+        ["path", None, "/", "URL path the PeerJS client is told (its `path` option)."],
+        ["key", None, "peerjs", "API key clients must send (token and none room modes)."],
+        ["room-by", None, "token", "What scopes peers: token, key or none.", _room_mode],
+        ["room-size", None, 4, "Peers per room; 0 = unlimited (not used in none mode).",
+         _positive_int],
+        ["max-peers", None, 10000, "Connected peers per process.", _positive_int],
+        ["max-peers-per-ip", None, 64, "Connected peers per client address; 0 = unlimited.",
+         _positive_int],
+        ["trusted-proxies", None, 0,
+         "Proxy hops whose X-Forwarded-For is trusted for the client address.", _positive_int],
+        ["ping-interval", None, 2.5, "Seconds of silence before a WebSocket ping.",
+         _positive_float],
+        ["alive-timeout", None, 5.0, "Seconds of silence before a peer is dropped.",
+         _positive_float],
+        ["sweep-interval", None, 1.0, "Seconds between liveness and expiry sweeps.",
+         _positive_float],
+        ["max-message-size", None, 65536, "Largest frame accepted, in bytes.", _positive_int],
+        ["rate-limit", None, 100.0,
+         "Messages per second per peer (token bucket, burst of the same size); 0 = off.",
+         float],
+        ["queue-limit", None, 50, "Queued messages per offline destination.", _positive_int],
+        ["room-queue-limit", None, 200, "Queued messages per room.", _positive_int],
+        ["total-queue-bytes", None, 64 * 1024 * 1024,
+         "Bytes of queued messages per process.", _positive_int],
+        ["expire-timeout", None, 5.0,
+         "Seconds a queued message waits before its sender gets EXPIRE.", _positive_float],
+        ["secret-file", None, None,
+         "File with the HMAC secret; peers then need signed join tokens [default: none]."],
+    ]
+    optFlags: list[list[str | None]] = [
+        ["allow-discovery", None, "Answer GET {path}{key}/peers with the room's ids."],
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+        self["port"] = []
+        self["allowed-origin"] = []
+        self._cli_lists: set[str] = set()
+        self._apply_environment(os.environ)
+
+    def opt_port(self, description: str) -> None:
+        """Twisted endpoint to listen on (repeatable) [default: tcp:9000]"""
+        self._append_cli("port", description)
+
+    def opt_allowed_origin(self, origin: str) -> None:
+        """Origin that may connect and read HTTP (repeatable) [default: any]"""
+        self._append_cli("allowed-origin", origin)
+
+    def _append_cli(self, name: str, value: str) -> None:
+        if name not in self._cli_lists:
+            self._cli_lists.add(name)
+            self[name] = []
+        self[name].append(value)
+
+    def _apply_environment(self, environ: Mapping[str, str]) -> None:
+        coercers: dict[str, Callable[[str], Any] | None] = {
+            p[0]: (p[4] if len(p) > 4 else None) for p in self.optParameters
+        }
+        for name, coerce in coercers.items():
+            value = environ.get(env_name(name))
+            if value is not None:
+                try:
+                    self[name] = coerce(value) if coerce else value
+                except ValueError as e:
+                    raise usage.UsageError(f"{env_name(name)}={value!r}: {e}") from None
+        for flag in self.optFlags:
+            name = str(flag[0])
+            value = environ.get(env_name(name))
+            if value is not None:
+                self[name] = value.strip().lower() in ("1", "true", "yes", "on")
+        for name in ("port", "allowed-origin"):
+            value = environ.get(env_name(name))
+            if value:
+                self[name] = [v.strip() for v in value.split(",") if v.strip()]
+
+    def postOptions(self) -> None:
+        if not self["port"]:
+            self["port"] = [DEFAULT_PORT]
+        if self["alive-timeout"] - self["sweep-interval"] <= self["ping-interval"]:
+            raise usage.UsageError(
+                "--alive-timeout must exceed --ping-interval plus --sweep-interval")
+        path = self["path"]
+        if not path.startswith("/"):
+            path = "/" + path
+        if not path.endswith("/"):
+            path += "/"
+        self["path"] = path
+
+    def config(self) -> Config:
+        secret = None
+        if self["secret-file"]:
+            try:
+                secret = read_secret(self["secret-file"])
+            except (OSError, ValueError) as e:
+                raise usage.UsageError(f"--secret-file: {e}") from None
+        return Config(
+            path=self["path"],
+            key=self["key"],
+            room_by=self["room-by"],
+            room_size=self["room-size"],
+            max_peers=self["max-peers"],
+            max_peers_per_ip=self["max-peers-per-ip"],
+            trusted_proxies=self["trusted-proxies"],
+            ping_interval=self["ping-interval"],
+            alive_timeout=self["alive-timeout"],
+            sweep_interval=self["sweep-interval"],
+            max_message_size=self["max-message-size"],
+            rate_limit=self["rate-limit"],
+            queue_limit=self["queue-limit"],
+            room_queue_limit=self["room-queue-limit"],
+            total_queue_bytes=self["total-queue-bytes"],
+            expire_timeout=self["expire-timeout"],
+            allow_discovery=bool(self["allow-discovery"]),
+            allowed_origins=tuple(self["allowed-origin"]),
+            secret=secret,
+        )
+
+
+def env_name(option: str) -> str:
+    return "PEERSIG_" + option.upper().replace("-", "_")
+
+
+def makeService(options: Options) -> IService:
+    from twisted.internet import reactor
+
+    from .service import make_service
+
+    return make_service(options.config(), options["port"], reactor)  # type: ignore[arg-type,unused-ignore]

@@ -1,0 +1,118 @@
+"""HTTP beside the WebSocket on one port: banner, id, peers, health, metrics, CORS.
+
+One leaf resource routes every request, so each URL of ``docs/protocol.md`` is found here.
+``{path}peerjs`` is handed to Autobahn's ``WebSocketResource``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+from autobahn.twisted.resource import WebSocketResource
+from twisted.web.resource import Resource
+from twisted.web.server import Request, Site
+
+from . import __version__
+from .metrics import CONTENT_TYPE, make_registry, render
+from .rooms import Hub
+
+BANNER = {
+    "name": "peersig",
+    "description": "A PeerJS-compatible WebRTC signaling server.",
+    "version": __version__,
+}
+
+
+class Root(Resource):
+    isLeaf = True
+
+    def __init__(self, hub: Hub, websocket: WebSocketResource) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+        self.hub = hub
+        self.websocket = websocket
+        self.path = hub.config.path
+        self.metrics = make_registry(hub)
+
+    def render(self, request: Request) -> Any:
+        raw = request.path.decode("utf-8", "replace")
+        if raw == self.path + "peerjs":
+            return self.websocket.render(request)
+        self._cors(request)
+        if request.method == b"OPTIONS":
+            request.setResponseCode(204)
+            return b""
+        if request.method not in (b"GET", b"HEAD"):
+            request.setResponseCode(405)
+            request.setHeader(b"allow", b"GET, HEAD, OPTIONS")
+            return b""
+        if raw.rstrip("/") == "/health":
+            return self._health(request)
+        if raw.rstrip("/") == "/metrics":
+            request.setHeader(b"content-type", CONTENT_TYPE.encode())
+            return render(self.metrics)
+        if raw == self.path or raw + "/" == self.path:
+            return _json(request, BANNER)
+        if raw.startswith(self.path):
+            parts = raw[len(self.path):].rstrip("/").split("/")
+            if len(parts) == 2 and parts[0]:
+                key, what = parts
+                if what == "id":
+                    request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+                    return self.hub.new_id(key).encode()
+                if what == "peers":
+                    return self._peers(request, key)
+        request.setResponseCode(404)
+        request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+        return b"Not found"
+
+    def _cors(self, request: Request) -> None:
+        raw_origin = request.getHeader(b"origin")
+        if raw_origin is None:
+            return
+        origin = raw_origin.decode("latin-1")
+        if not self.hub.config.origin_allowed(origin):
+            return
+        request.setHeader(b"access-control-allow-origin", raw_origin)
+        request.setHeader(b"vary", b"Origin")
+        if request.method == b"OPTIONS":
+            request.setHeader(b"access-control-allow-methods", b"GET, HEAD, OPTIONS")
+            asked = request.getHeader(b"access-control-request-headers")
+            if asked:
+                request.setHeader(b"access-control-allow-headers", asked)
+            request.setHeader(b"access-control-max-age", b"600")
+
+    def _health(self, request: Request) -> bytes:
+        hub = self.hub
+        draining = hub.draining
+        if draining:
+            request.setResponseCode(503)
+        return _json(request, {
+            "status": "draining" if draining else "ok",
+            "timestamp": int(time.time() * 1000),
+            "version": __version__,
+            "peers": len(hub.sessions),
+            "rooms": len(hub.rooms),
+            "uptime": round(hub.clock.seconds() - hub.started, 3),
+        })
+
+    def _peers(self, request: Request, key: str) -> bytes:
+        if not self.hub.config.allow_discovery:
+            request.setResponseCode(401)
+            request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+            return b"Unauthorized"
+        token = request.args.get(b"token", [b""])[0].decode("utf-8", "replace")
+        return _json(request, self.hub.list_peers(key, token))
+
+
+def _json(request: Request, value: object) -> bytes:
+    request.setHeader(b"content-type", b"application/json")
+    return json.dumps(value).encode()
+
+
+class QuietSite(Site):
+    """No access log: upgrade URLs carry tokens, and per-request lines cost CPU."""
+
+    def log(self, request: Any) -> None:
+        pass

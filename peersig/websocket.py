@@ -1,0 +1,127 @@
+"""The only Autobahn code: WebSocket frames in, ``Hub``/``Session`` calls; frames out.
+
+Each ``PeerProtocol`` is also the ``PeerTransport`` of its session.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
+from twisted.logger import Logger
+
+from .messages import CLOSE_INTERNAL, CLOSE_UNSUPPORTED, E_INTERNAL
+from .rooms import Hub, JoinRequest
+from .session import Session
+
+log = Logger()
+
+
+def client_address(peer_host: str, headers: dict[str, str], trusted_proxies: int) -> str:
+    """The client's address: the TCP peer, or with ``trusted_proxies`` N the address N hops
+    back in X-Forwarded-For (each trusted proxy appended the one before it)."""
+    if trusted_proxies <= 0:
+        return peer_host
+    forwarded = headers.get("x-forwarded-for")
+    if not forwarded:
+        return peer_host
+    hops = [h.strip() for h in forwarded.split(",") if h.strip()]
+    if not hops:
+        return peer_host
+    return hops[-trusted_proxies] if len(hops) >= trusted_proxies else hops[0]
+
+
+def _first(params: dict[str, list[str]], name: str) -> str:
+    values = params.get(name)
+    return values[0] if values else ""
+
+
+class PeerProtocol(WebSocketServerProtocol):
+    hub: Hub
+    session: Session | None = None
+    join_request: JoinRequest | None = None
+
+    # -- Autobahn callbacks ----------------------------------------------------------------
+
+    def onConnect(self, request: ConnectionRequest) -> None:
+        cfg = self.hub.config
+        if not cfg.origin_allowed(request.origin):
+            raise ConnectionDeny(403, "Origin not allowed")
+        params = request.params
+        assert self.transport is not None
+        address = client_address(
+            getattr(self.transport.getPeer(), "host", ""), request.headers, cfg.trusted_proxies
+        )
+        self.join_request = JoinRequest(
+            _first(params, "key"), _first(params, "id"), _first(params, "token"), address
+        )
+
+    def onOpen(self) -> None:
+        req = self.join_request
+        assert req is not None
+        self.join_request = None
+        try:
+            self.session = self.hub.join(self, req)
+        except Exception:
+            log.failure("join failed")
+            self.close_with(CLOSE_INTERNAL, E_INTERNAL)
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        session = self.session
+        if session is None:
+            return
+        if isBinary:
+            self.hub.stats.drops["binary"] += 1
+            self.hub.depart(session, "binary")
+            self.close_with(CLOSE_UNSUPPORTED, "Binary frames are not supported")
+            return
+        try:
+            session.received(payload)
+        except Exception:
+            log.failure("handling a frame failed")
+            self.hub.internal_error(session)
+
+    def onPong(self, payload: bytes) -> None:
+        session = self.session
+        if session is not None:
+            session.alive()
+
+    def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        session = self.session
+        if session is not None:
+            self.hub.depart(session, "closed" if wasClean else "lost")
+
+    # -- PeerTransport ---------------------------------------------------------------------
+
+    def send_frame(self, frame: bytes) -> None:
+        self.sendMessage(frame, False)  # type: ignore[no-untyped-call]
+
+    def send_ping(self) -> None:
+        self.sendPing()
+
+    def close_with(self, code: int, reason: str) -> None:
+        # sendClose() admits only the application codes (1000, 3000-4999); a server may
+        # send the protocol's own 1001/1003/1008/1011, so write the frame ourselves.
+        self.sendCloseFrame(code, reason.encode()[:123], False)
+
+    def abort_connection(self) -> None:
+        self.dropConnection(abort=True)
+
+
+def make_factory(hub: Hub, **kwargs: Any) -> WebSocketServerFactory:
+    """A factory whose protocols all share ``hub``; frame limits come from its config."""
+    factory = WebSocketServerFactory(**kwargs)
+    factory.protocol = type("PeerProtocol", (PeerProtocol,), {"hub": hub})  # type: ignore[assignment]
+    size = hub.config.max_message_size
+    factory.setProtocolOptions(
+        maxFramePayloadSize=size,
+        maxMessagePayloadSize=size,
+        # Our JSON decoder rejects invalid UTF-8 itself.
+        utf8validateIncoming=False,
+        # Protocol failures (1009 for an oversize frame) send a close frame, not a bare RST.
+        failByDrop=False,
+        openHandshakeTimeout=10,
+        closeHandshakeTimeout=2,
+    )
+    return factory

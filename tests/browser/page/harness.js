@@ -1,0 +1,191 @@
+// Test driver around one stock PeerJS Peer per page. Python calls window.T.* through
+// page.evaluate. Every wait has a timeout and fails with the recent events, so nothing hangs.
+"use strict";
+(() => {
+  const events = []; // {t: Date.now(), kind, ...detail}; Date.now() so pages can be compared
+  const conns = new Map(); // remote id -> newest DataConnection with that peer
+  const inbox = new Map(); // remote id -> data received from that peer
+  const calls = []; // MediaConnections in both directions
+  let peer = null;
+  let localStream = null;
+
+  const record = (kind, detail = {}) => {
+    const entry = { t: Date.now(), kind, ...detail };
+    events.push(entry);
+    console.log(`[T] ${JSON.stringify(entry)}`);
+    const log = document.getElementById("log");
+    if (log) log.textContent = events.slice(-40).map((e) => JSON.stringify(e)).join("\n");
+  };
+
+  const waitFor = (what, ms, check) =>
+    new Promise((resolve, reject) => {
+      const deadline = Date.now() + ms;
+      const tick = () => {
+        let value;
+        try {
+          value = check();
+        } catch (err) {
+          reject(err);
+          return;
+        }
+        if (value !== undefined && value !== null && value !== false) resolve(value);
+        else if (Date.now() > deadline)
+          reject(new Error(`timeout after ${ms} ms waiting for ${what}; ` +
+            `recent events: ${JSON.stringify(events.slice(-12))}`));
+        else setTimeout(tick, 10);
+      };
+      tick();
+    });
+
+  const errorDetail = (err) => ({ type: err.type ?? null, message: String(err.message ?? err) });
+
+  const watchConn = (conn, direction) => {
+    const info = { peer: conn.peer, connectionId: conn.connectionId, direction };
+    conns.set(conn.peer, conn);
+    if (!inbox.has(conn.peer)) inbox.set(conn.peer, []);
+    record("conn", info);
+    conn.on("open", () => record("conn-open", info));
+    conn.on("data", (data) => {
+      inbox.get(conn.peer).push(data);
+      record("data", { ...info, data });
+    });
+    conn.on("close", () => record("conn-close", info));
+    conn.on("error", (err) => record("conn-error", { ...info, ...errorDetail(err) }));
+  };
+
+  const media = async () => {
+    localStream ??= await navigator.mediaDevices.getUserMedia({ audio: true, video: true });
+    return localStream;
+  };
+
+  const watchCall = (call, direction) => {
+    const info = { peer: call.peer, connectionId: call.connectionId, direction };
+    calls.push(call);
+    record("call", info);
+    call.on("stream", (stream) => {
+      call.remoteStreamSeen = stream;
+      record("stream", { ...info, tracks: stream.getTracks().map((t) => t.kind) });
+    });
+    call.on("close", () => record("call-close", info));
+    call.on("error", (err) => record("call-error", { ...info, ...errorDetail(err) }));
+  };
+
+  // Resolves once the call's remote stream has live audio and video tracks and RTP for both
+  // has actually arrived (bytes of audio, decoded frames of video).
+  const mediaArrived = async (call, ms) => {
+    const stream = await waitFor(`remote stream from ${call.peer}`, ms, () => call.remoteStreamSeen);
+    const deadline = Date.now() + ms;
+    for (;;) {
+      const report = { tracks: stream.getTracks().map((t) => ({ kind: t.kind, state: t.readyState })),
+        audioBytes: 0, videoFrames: 0 };
+      (await call.peerConnection.getStats()).forEach((s) => {
+        if (s.type !== "inbound-rtp") return;
+        if (s.kind === "audio") report.audioBytes += s.bytesReceived ?? 0;
+        if (s.kind === "video") report.videoFrames += s.framesDecoded ?? 0;
+      });
+      if ((report.audioBytes > 0 && report.videoFrames > 0) || Date.now() > deadline) return report;
+      await new Promise((r) => setTimeout(r, 20));
+    }
+  };
+
+  window.T = {
+    start({ id, host, port, secure, path, key, token }) {
+      const options = { host, port, secure, path, key, token, config: { iceServers: [] }, debug: 1 };
+      peer = id ? new Peer(id, options) : new Peer(options);
+      // Observe (not alter) what the signaling server sends this peer.
+      peer.socket.on("message", (m) => record("signal", { type: m.type, src: m.src ?? null }));
+      peer.on("open", (pid) => {
+        document.getElementById("title").textContent = `peer ${pid}`;
+        record("open", { id: pid });
+      });
+      peer.on("error", (err) => record("error", errorDetail(err)));
+      peer.on("disconnected", () => record("disconnected"));
+      peer.on("close", () => record("close"));
+      peer.on("connection", (conn) => watchConn(conn, "in"));
+      peer.on("call", async (call) => {
+        watchCall(call, "in");
+        call.answer(await media());
+      });
+    },
+
+    async waitOpen(ms) {
+      const done = await waitFor("open or error", ms,
+        () => events.find((e) => e.kind === "open" || e.kind === "error"));
+      if (done.kind === "error") throw new Error(`peer failed to open: ${done.type}: ${done.message}`);
+      return done.id;
+    },
+
+    waitError: (ms) => waitFor("a peer error", ms, () => events.find((e) => e.kind === "error")),
+
+    waitSignal: (type, src, ms) => waitFor(`${type} from the server about ${src}`, ms,
+      () => events.find((e) => e.kind === "signal" && e.type === type && e.src === src)),
+
+    state: () => ({ id: peer.id, open: peer.open, disconnected: peer.disconnected,
+      destroyed: peer.destroyed }),
+
+    events: () => events,
+
+    connect(remote) {
+      watchConn(peer.connect(remote, { reliable: true }), "out");
+    },
+
+    waitConnOpen: (remote, ms) =>
+      waitFor(`data connection with ${remote} to open`, ms, () => conns.get(remote)?.open),
+
+    // Time (Date.now()) at which the newest connection with remote closed.
+    async waitConnClosed(remote, ms) {
+      const id = conns.get(remote).connectionId;
+      const closed = await waitFor(`data connection with ${remote} to close`, ms,
+        () => events.find((e) => e.kind === "conn-close" && e.connectionId === id));
+      return closed.t;
+    },
+
+    send(remote, data) {
+      conns.get(remote).send(data);
+    },
+
+    waitData(remote, data, ms) {
+      const want = JSON.stringify(data);
+      return waitFor(`${want} from ${remote}`, ms,
+        () => (inbox.get(remote) ?? []).some((d) => JSON.stringify(d) === want));
+    },
+
+    received: () => Object.fromEntries(inbox),
+
+    connectionPeers: () => [...conns.keys()],
+
+    async call(remote, ms) {
+      const call = peer.call(remote, await media());
+      watchCall(call, "out");
+      return mediaArrived(call, ms);
+    },
+
+    async answeredCall(remote, ms) {
+      const call = await waitFor(`a call from ${remote}`, ms,
+        () => calls.find((c) => c.peer === remote));
+      return mediaArrived(call, ms);
+    },
+
+    // Every ICE candidate address this page gathered or received, from getStats().
+    async iceAddresses() {
+      const result = { local: [], remote: [] };
+      const pcs = [...conns.values(), ...calls].map((c) => c.peerConnection)
+        .filter((pc) => pc && pc.connectionState !== "closed");
+      for (const pc of pcs) {
+        (await pc.getStats()).forEach((s) => {
+          const address = s.address ?? s.ip;
+          if (s.type === "local-candidate") result.local.push(address);
+          if (s.type === "remote-candidate") result.remote.push(address);
+        });
+      }
+      return result;
+    },
+
+    destroy() {
+      record("destroy");
+      const t = Date.now();
+      peer.destroy();
+      return t;
+    },
+  };
+})();

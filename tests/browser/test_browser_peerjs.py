@@ -1,0 +1,189 @@
+"""End to end: unmodified npm peerjs@1.5.5 in headless Chromium tabs, through a real
+`twistd -n peersig`, with real WebRTC on loopback. Rooms are PeerJS's `token` option."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+from browser_harness import (
+    LOOPBACK_ADDRESSES,
+    OpenTabs,
+    PeersigServer,
+    PeerTab,
+    await_mesh,
+    dial_mesh,
+    exchange,
+    interfaces,
+    open_peers,
+)
+
+pytestmark = pytest.mark.browser
+
+FOUR = ["p1", "p2", "p3", "p4"]
+FAILURE_EVENTS = ("error", "disconnected", "close", "conn-close", "conn-error")
+
+
+def mesh(tabs: OpenTabs, server: PeersigServer, room: str, secure: bool = False) -> list[PeerTab]:
+    """Four peers in `room`, all six data connections open and carrying messages both ways."""
+    endpoint = server.wss if secure else server.ws
+    assert endpoint is not None
+    peers = tabs(4)
+    open_peers(peers, endpoint, room, FOUR)
+    dial_mesh(peers)
+    await_mesh(peers)
+    exchange(peers, room)
+    return peers
+
+
+def assert_healthy(peers: list[PeerTab]) -> None:
+    for peer in peers:
+        assert peer.events(*FAILURE_EVENTS) == [], peer.name
+        state = peer.state()
+        assert state["open"] and not state["disconnected"], (peer.name, state)
+
+
+def assert_loopback_ice(peers: list[PeerTab]) -> None:
+    for peer in peers:
+        addresses = peer.ice_addresses()
+        assert addresses, f"{peer.name} has no ICE candidates"
+        assert addresses <= LOOPBACK_ADDRESSES, (peer.name, addresses)
+
+
+def test_only_loopback_exists(loopback_only: None) -> None:
+    assert interfaces() == ["lo"]
+
+
+def test_four_peers_form_a_full_mesh(tabs: OpenTabs, server: PeersigServer, room: str) -> None:
+    peers = mesh(tabs, server, room)
+    for peer in peers:
+        assert sorted(peer.connection_peers()) == sorted(set(FOUR) - {peer.id})
+        assert len(peer.events("conn")) == 3, peer.name
+    assert_healthy(peers)
+    assert_loopback_ice(peers)
+
+
+def test_media_call_delivers_remote_audio_and_video(
+    tabs: OpenTabs, server: PeersigServer, room: str
+) -> None:
+    caller, callee = tabs(2)
+    open_peers([caller, callee], server.ws, room, ["caller", "callee"])
+    for report in (caller.call("callee"), callee.answered_call("caller")):
+        assert sorted(t["kind"] for t in report["tracks"]) == ["audio", "video"], report
+        assert all(t["state"] == "live" for t in report["tracks"]), report
+        assert report["audioBytes"] > 0 and report["videoFrames"] > 0, report
+    assert_loopback_ice([caller, callee])
+
+
+def test_peer_without_id_gets_one_from_the_server(
+    tabs: OpenTabs, server: PeersigServer, room: str
+) -> None:
+    anonymous, dialer = tabs(2)
+    anonymous.start(server.ws, room)
+    served = anonymous.wait_open()
+    assert (f"{server.ws.path}{server.ws.key}/id", 200) in anonymous.responses
+    assert uuid.UUID(served).version == 4
+
+    open_peers([dialer], server.ws, room, ["dialer"])
+    dialer.connect(served)
+    await_mesh([dialer, anonymous])
+    exchange([dialer, anonymous], "anonymous")
+
+
+def test_destroyed_peer_leaves_at_once_and_its_id_can_return(
+    tabs: OpenTabs, server: PeersigServer, room: str
+) -> None:
+    gone, *rest = mesh(tabs, server, room)
+    assert gone.id is not None
+    destroyed_at = gone.destroy()
+    for peer in rest:
+        left_at = peer.wait_signal("LEAVE", gone.id, ms=2000)
+        closed_at = peer.wait_conn_closed(gone.id, ms=2000)
+        assert left_at - destroyed_at <= 1000, f"{peer.name}: LEAVE took over 1 s"
+        assert closed_at - destroyed_at <= 1000, f"{peer.name}: connection closed after 1 s"
+
+    (back,) = tabs(1)
+    open_peers([back], server.ws, room, [gone.id])
+    for peer in rest:
+        peer.connect(gone.id)
+    await_mesh([*rest, back])
+    exchange([*rest, back], "back")
+
+
+def test_second_peer_with_a_live_id_is_refused(
+    tabs: OpenTabs, server: PeersigServer, room: str
+) -> None:
+    first, other, second = tabs(3)
+    open_peers([first, other], server.ws, room, ["dup", "other"])
+    second.start(server.ws, room, "dup")
+    error = second.wait_error()
+    assert error.type == "unavailable-id", error
+    assert not second.state()["open"]
+
+    other.connect("dup")
+    await_mesh([other, first])
+    exchange([other, first], "still-dup")
+    assert_healthy([first, other])
+
+
+def test_fifth_peer_in_a_full_room_is_refused(
+    tabs: OpenTabs, server: PeersigServer, room: str
+) -> None:
+    four = mesh(tabs, server, room)
+    (fifth,) = tabs(1)
+    fifth.start(server.ws, room, "p5")
+    error = fifth.wait_error()
+    assert error.type == "server-error", error
+    assert "Room is full (4 peers)" in error.message, error
+    assert not fifth.state()["open"]
+
+    assert_healthy(four)
+    exchange(four, "after-fifth")
+    # Signaling still works for the four: a fresh connection negotiated through the server.
+    four[3].connect("p1")
+    await_mesh([four[3], four[0]])
+    exchange([four[3], four[0]], "fresh")
+
+
+def test_rooms_with_the_same_ids_stay_isolated(
+    tabs: OpenTabs, server: PeersigServer, room: str
+) -> None:
+    rooms = {f"{room}-a": tabs(4), f"{room}-b": tabs(4)}
+    for name, peers in rooms.items():
+        open_peers(peers, server.ws, name, FOUR)
+    for peers in rooms.values():
+        dial_mesh(peers)
+    for name, peers in rooms.items():
+        await_mesh(peers)
+        exchange(peers, name)
+    for name, peers in rooms.items():
+        for peer in peers:
+            received = peer.received()
+            assert sorted(received) == sorted(set(FOUR) - {peer.id}), peer.name
+            tags = {m["tag"] for messages in received.values() for m in messages}
+            assert tags == {name}, (peer.name, tags)
+            assert len(peer.events("conn")) == 3, f"{peer.name} saw a connection from outside"
+        assert_healthy(peers)
+
+
+def test_mesh_over_wss(tabs: OpenTabs, server: PeersigServer, room: str) -> None:
+    assert server.wss is not None
+    peers = mesh(tabs, server, room, secure=True)
+    for peer in peers:
+        assert peer.sockets and all(
+            url.startswith(f"wss://127.0.0.1:{server.wss.port}/peerjs?") for url in peer.sockets
+        ), peer.sockets
+    assert_healthy(peers)
+
+
+def test_idle_peers_stay_connected_and_reachable(
+    tabs: OpenTabs, server: PeersigServer, room: str
+) -> None:
+    peers = mesh(tabs, server, room)
+    peers[0].page.wait_for_timeout(20_000)  # idling on default liveness is what is under test
+    assert_healthy(peers)
+    exchange(peers, "after-idle")
+    # Still registered and reachable through the server: new connections negotiate.
+    dial_mesh(peers)
+    await_mesh(peers)
+    exchange(peers, "after-idle-redial")

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Installs everything the test suite needs on a fresh machine, then runs all of it:
+# lint (ruff), types (mypy --strict on peersig/), and every pytest test, browsers included.
+# Extra arguments go to pytest.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+# compat mode puts the checkout on sys.path, so twistd finds twisted/plugins/ here.
+python3 -m pip install --quiet --disable-pip-version-check -e '.[test]' \
+    --config-settings editable_mode=compat
+bash tests/browser/install.sh
+
+ruff check .
+mypy
+exec python3 -m pytest "$@"

@@ -1,0 +1,140 @@
+"""A real ``twistd -n peersig`` subprocess on free loopback ports, for end-to-end tests.
+
+Only the command line (and ``env`` given here) configures it; it is stopped by its own pid.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def make_self_signed_cert(folder: Path, name: str = "") -> tuple[Path, Path]:
+    key, cert = folder / f"key{name}.pem", folder / f"cert{name}.pem"
+    san = "subjectAltName=DNS:localhost,IP:127.0.0.1"
+    command = ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2"]
+    command += ["-subj", f"/CN=localhost{name}", "-addext", san, "-keyout", str(key),
+                "-out", str(cert)]
+    subprocess.run(command, check=True, capture_output=True)
+    return key, cert
+
+
+class ServerProcess:
+    """``twistd -n peersig`` listening on 127.0.0.1: ws always, wss when ``tls``."""
+
+    def __init__(
+        self,
+        workdir: Path,
+        args: Sequence[str] = (),
+        tls: bool = False,
+        env: Mapping[str, str] | None = None,
+        ports: bool = True,
+    ) -> None:
+        self.workdir = workdir
+        self.args = list(args)
+        self.port = free_port()
+        self.tls_port = free_port() if tls else None
+        self.extra_env = dict(env or {})
+        self.with_ports = ports
+        self.log_path = workdir / "server.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def command(self) -> list[str]:
+        ports: list[str] = []
+        if self.with_ports:
+            ports = ["--port", f"tcp:{self.port}:interface=127.0.0.1"]
+        if self.tls_port is not None:
+            key, cert = make_self_signed_cert(self.workdir)
+            ports += ["--port", f"ssl:{self.tls_port}:interface=127.0.0.1:privateKey={key}"
+                      f":certKey={cert}"]
+        twistd = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
+        return [*twistd, "-n", "--pidfile=", "peersig", *ports, *self.args]
+
+    def environment(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PEERSIG_")}
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
+        env.update(self.extra_env)
+        return env
+
+    def start(self, timeout_s: float = 20.0, **popen: Any) -> None:
+        with self.log_path.open("wb") as log:
+            self.proc = subprocess.Popen(self.command(), cwd=self.workdir,
+                                         env=self.environment(), stdout=log,
+                                         stderr=subprocess.STDOUT, **popen)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n"
+                                   f"{self.log_tail()}")
+            try:
+                self.get_json("/health")
+                return
+            except (OSError, ValueError):
+                if time.monotonic() > deadline:
+                    self.stop()
+                    raise RuntimeError(f"server not ready within {timeout_s} s:\n"
+                                       f"{self.log_tail()}") from None
+                time.sleep(0.05)
+
+    def signal(self, signum: int = signal.SIGTERM) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signum)
+
+    def stop(self) -> None:
+        """Stops exactly the process this object started, by its pid."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+    def log_tail(self, lines: int = 40) -> str:
+        text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    # -- talking to it ---------------------------------------------------------------------
+
+    @property
+    def http(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def ws_url(self, peer_id: str, token: str = "room1", key: str = "peerjs",
+               path: str = "/") -> str:
+        return (f"ws://127.0.0.1:{self.port}{path}peerjs?key={key}&id={peer_id}"
+                f"&token={token}&version=1.5.5")
+
+    def get(self, path: str, headers: Mapping[str, str] | None = None,
+            method: str = "GET") -> tuple[int, dict[str, str], bytes]:
+        request = urllib.request.Request(self.http + path, headers=dict(headers or {}),
+                                         method=method)
+        try:
+            with urllib.request.urlopen(request, timeout=5) as response:
+                return response.status, dict(response.headers), response.read()
+        except urllib.error.HTTPError as e:
+            return e.code, dict(e.headers), e.read()
+
+    def get_json(self, path: str) -> Any:
+        with urllib.request.urlopen(self.http + path, timeout=1) as response:
+            return json.load(response)

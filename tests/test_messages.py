@@ -1,0 +1,95 @@
+"""Frame parsing and encoding (SPEC §1, §5)."""
+
+import json
+
+import pytest
+
+from peersig import messages
+from peersig.messages import BadFrame, parse_frame
+
+
+@pytest.mark.parametrize(
+    ("data", "reason"),
+    [
+        (b"not json", "bad_json"),
+        (b"\xff\xfe{}", "bad_json"),
+        (b'{"type":"OFFER","dst":"a","payload":NaN}', "bad_json"),
+        (b"[" * 100000, "bad_json"),
+        (b"[1,2]", "not_object"),
+        (b"null", "not_object"),
+        (b'"OFFER"', "not_object"),
+        (b"{}", "bad_type"),
+        (b'{"type":"OPEN"}', "bad_type"),
+        (b'{"type":"ERROR"}', "bad_type"),
+        (b'{"type":"offer","dst":"a"}', "bad_type"),
+        (b'{"type":7}', "bad_type"),
+        (b'{"type":"OFFER"}', "no_dst"),
+        (b'{"type":"ANSWER","dst":""}', "no_dst"),
+        (b'{"type":"CANDIDATE","dst":["a"]}', "no_dst"),
+    ],
+)
+def test_bad_frames_are_classified(data: bytes, reason: str) -> None:
+    with pytest.raises(BadFrame) as e:
+        parse_frame(data)
+    assert e.value.reason == reason
+
+
+def test_relay_frame_keeps_payload_and_ignores_client_src() -> None:
+    payload = {"sdp": {"type": "offer", "sdp": "v=0\r\n\u00e9"}, "type": "data",
+               "connectionId": "dc_x", "metadata": {"a": [1, 2.5, None, True]}}
+    raw = json.dumps({"type": "OFFER", "src": "mallory", "dst": "bob", "payload": payload,
+                      "extra": 1})
+    msg = parse_frame(raw.encode())
+    assert (msg.type, msg.dst) == ("OFFER", "bob")
+    out = json.loads(messages.relay_frame(msg.type, "alice", "bob", msg.payload))
+    assert out == {"type": "OFFER", "src": "alice", "dst": "bob", "payload": payload}
+    assert list(out) == ["type", "src", "dst", "payload"]
+
+
+def test_relay_without_payload_has_no_payload_key() -> None:
+    msg = parse_frame(b'{"type":"LEAVE","dst":"bob"}')
+    assert json.loads(messages.relay_frame(msg.type, "a", "bob", msg.payload)) == {
+        "type": "LEAVE", "src": "a", "dst": "bob"}
+
+
+def test_lone_surrogate_payload_stays_encodable() -> None:
+    msg = parse_frame(b'{"type":"OFFER","dst":"b","payload":"\\ud800"}')
+    assert msg.payload is not None
+    assert json.loads(msg.payload) == "\ud800"
+
+
+def test_heartbeat() -> None:
+    assert parse_frame(b'{"type":"HEARTBEAT"}').type == "HEARTBEAT"
+
+
+def test_fixed_frames_are_exact() -> None:
+    assert messages.OPEN_FRAME == b'{"type":"OPEN"}'
+    assert json.loads(messages.ID_TAKEN_FRAME) == {"type": "ID-TAKEN",
+                                                  "payload": {"msg": "ID is taken"}}
+    assert json.loads(messages.error_frame("Invalid key provided")) == {
+        "type": "ERROR", "payload": {"msg": "Invalid key provided"}}
+    assert json.loads(messages.leave_frame("bob")) == {"type": "LEAVE", "src": "bob"}
+    assert json.loads(messages.expire_frame('x"y', "a")) == {"type": "EXPIRE", "src": 'x"y',
+                                                            "dst": "a"}
+
+
+@pytest.mark.parametrize("good", ["a", "alice", "A1-b2_c3 d4", "x" * 64,
+                                  "3f2a1c4e-1d2b-4c3a-9e8f-0123456789ab"])
+def test_valid_ids(good: str) -> None:
+    assert messages.valid_id(good)
+
+
+@pytest.mark.parametrize("bad", ["", "-a", "a-", "a--b", "a  b", "a.b", "é", "x" * 65,
+                                 "a\nb", "a/b"])
+def test_invalid_ids(bad: str) -> None:
+    assert not messages.valid_id(bad)
+
+
+@pytest.mark.parametrize("good", ["r", "discord:1234567890", "a.b_c-d:e", "x" * 128])
+def test_valid_rooms(good: str) -> None:
+    assert messages.valid_room(good)
+
+
+@pytest.mark.parametrize("bad", ["", "x" * 129, "a b", "a~b", "a/b", "é", "a\n"])
+def test_invalid_rooms(bad: str) -> None:
+    assert not messages.valid_room(bad)

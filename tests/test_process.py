@@ -1,0 +1,199 @@
+"""A real ``twistd -n peersig`` process driven over real sockets (SPEC §1, §5, §7)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.sync.client import ClientConnection, connect
+
+from .serverproc import REPO, ServerProcess
+
+
+def recv_json(ws: ClientConnection, timeout: float = 5) -> dict[str, object]:
+    return json.loads(ws.recv(timeout=timeout))  # type: ignore[no-any-return]
+
+
+def close_code(ws: ClientConnection, timeout: float = 5) -> int | None:
+    """Read until the server closes; the close code it sent."""
+    try:
+        while True:
+            ws.recv(timeout=timeout)
+    except ConnectionClosed as e:
+        return e.rcvd.code if e.rcvd else None
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    proc = ServerProcess(tmp_path_factory.mktemp("peersig"),
+                         ["--max-message-size", "2048", "--allow-discovery"])
+    proc.start()
+    yield proc
+    proc.stop()
+
+
+def test_plugin_is_found_by_twisted() -> None:
+    from twisted.application.service import IServiceMaker
+    from twisted.plugin import getPlugins
+
+    makers = {p.tapname: p for p in getPlugins(IServiceMaker)}
+    assert "peersig" in makers
+    assert makers["peersig"].module == "peersig.tap"
+
+
+def test_help_lists_every_option_with_its_default() -> None:
+    out = subprocess.run([sys.executable, "-c",
+                          "from twisted.scripts.twistd import run; run()", "peersig", "--help"],
+                         capture_output=True, text=True, cwd=REPO, check=True).stdout
+    flat = " ".join(out.split())
+    from peersig.tap import Options
+
+    for name, _short, default, *_ in Options.optParameters:
+        assert f"--{name}=" in out
+        if default is not None:
+            assert f"[default: {default}]" in flat, name
+    for option in ("--port=", "--allowed-origin=", "--allow-discovery", "[default: tcp:9000]"):
+        assert option in flat
+
+
+def test_open_relay_with_forced_src_and_leave_on_close(server: ServerProcess) -> None:
+    with connect(server.ws_url("alice")) as a, connect(server.ws_url("bob")) as b:
+        assert a.recv(timeout=5) == '{"type":"OPEN"}'
+        assert b.recv(timeout=5) == '{"type":"OPEN"}'
+        payload = {"sdp": {"type": "offer", "sdp": "v=0\r\n" + "a" * 900}, "type": "data",
+                   "connectionId": "dc_abc", "label": "x", "reliable": True,
+                   "serialization": "binary", "metadata": None}
+        a.send(json.dumps({"type": "OFFER", "src": "mallory", "dst": "bob",
+                           "payload": payload}))
+        assert recv_json(b) == {"type": "OFFER", "src": "alice", "dst": "bob",
+                                "payload": payload}
+        b.send(json.dumps({"type": "ANSWER", "dst": "alice", "payload": {"n": 1}}))
+        assert recv_json(a) == {"type": "ANSWER", "src": "bob", "dst": "alice",
+                                "payload": {"n": 1}}
+        a.close()
+        assert recv_json(b) == {"type": "LEAVE", "src": "alice"}
+
+
+def test_error_frame_then_close_1008(server: ServerProcess) -> None:
+    with connect(server.ws_url("alice", key="wrong")) as ws:
+        assert recv_json(ws) == {"type": "ERROR", "payload": {"msg": "Invalid key provided"}}
+        assert close_code(ws) == 1008
+
+
+def test_query_values_are_url_decoded(server: ServerProcess) -> None:
+    with connect(server.ws_url("al%20ice", token="room%3A1")) as a, \
+            connect(server.ws_url("bob", token="room:1")) as b:
+        recv_json(a), recv_json(b)
+        b.send(json.dumps({"type": "OFFER", "dst": "al ice", "payload": {}}))
+        assert recv_json(a)["src"] == "bob"
+
+
+def test_binary_frame_closes_1003(server: ServerProcess) -> None:
+    with connect(server.ws_url("bin")) as ws:
+        recv_json(ws)
+        ws.send(b"\x00\x01")
+        assert close_code(ws) == 1003
+
+
+def test_oversize_frame_closes_1009(server: ServerProcess) -> None:
+    with connect(server.ws_url("big"), max_size=None) as ws:
+        recv_json(ws)
+        ws.send(json.dumps({"type": "OFFER", "dst": "x", "payload": "a" * 5000}))
+        assert close_code(ws) == 1009
+
+
+def test_garbage_closes_1008_after_ten(server: ServerProcess) -> None:
+    with connect(server.ws_url("noisy")) as ws:
+        recv_json(ws)
+        for _ in range(11):
+            ws.send("{not json")
+        assert close_code(ws) == 1008
+
+
+def test_http_routes(server: ServerProcess) -> None:
+    status, _, body = server.get("/")
+    assert status == 200 and json.loads(body)["name"] == "peersig"
+    status, _headers, body = server.get("/peerjs/id?ts=1&version=1.5.5")
+    assert status == 200 and uuid.UUID(body.decode()).version == 4
+    status, _, body = server.get("/peerjs/peers")
+    assert status == 200 and json.loads(body) == []
+    health = json.loads(server.get("/health")[2])
+    assert health["status"] == "ok" and {"timestamp", "version", "peers", "rooms",
+                                         "uptime"} <= set(health)
+    assert server.get("/nope/x/y")[0] == 404
+
+
+def test_cors_and_preflight(server: ServerProcess) -> None:
+    status, headers, _ = server.get("/peerjs/id", {"Origin": "http://game.example"})
+    assert headers["Access-Control-Allow-Origin"] == "http://game.example"
+    status, headers, body = server.get(
+        "/peerjs/id", {"Origin": "http://game.example", "Access-Control-Request-Method": "GET",
+                       "Access-Control-Request-Headers": "x-thing"}, method="OPTIONS")
+    assert status == 204 and body == b""
+    assert headers["Access-Control-Allow-Origin"] == "http://game.example"
+    assert "GET" in headers["Access-Control-Allow-Methods"]
+    assert headers["Access-Control-Allow-Headers"] == "x-thing"
+
+
+def test_metrics_follow_a_session(server: ServerProcess) -> None:
+    def sample(name: str, **labels: str) -> float:
+        text = server.get("/metrics")[2].decode()
+        for family in text_string_to_metric_families(text):
+            for s in family.samples:
+                if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
+                    return float(s.value)
+        return 0.0
+
+    before = sample("peersig_messages_total", type="CANDIDATE")
+    drops = sample("peersig_drops_total", reason="bad_json")
+    with connect(server.ws_url("m1", token="metrics")) as a, \
+            connect(server.ws_url("m2", token="metrics")) as b:
+        recv_json(a), recv_json(b)
+        assert sample("peersig_peers") >= 2 and sample("peersig_rooms") >= 1
+        a.send(json.dumps({"type": "CANDIDATE", "dst": "m2", "payload": {}}))
+        recv_json(b)
+        a.send("][")
+        a.send(json.dumps({"type": "HEARTBEAT"}))  # ordered after the bad frame
+        a.send(json.dumps({"type": "CANDIDATE", "dst": "m2", "payload": {}}))
+        recv_json(b)
+    assert sample("peersig_messages_total", type="CANDIDATE") == before + 2
+    assert sample("peersig_drops_total", reason="bad_json") == drops + 1
+
+
+def test_path_option_and_environment(tmp_path: Path) -> None:
+    proc = ServerProcess(tmp_path, ["--path", "myapp"], env={"PEERSIG_KEY": "envkey",
+                                                            "PEERSIG_PATH": "/ignored/"})
+    proc.start()
+    try:
+        assert proc.get("/myapp/")[0] == 200
+        assert proc.get("/myapp/envkey/id")[0] == 200
+        with connect(proc.ws_url("a", key="envkey", path="/myapp/")) as ws:
+            assert recv_json(ws) == {"type": "OPEN"}
+        with connect(proc.ws_url("a", key="peerjs", path="/myapp/")) as ws:
+            assert recv_json(ws)["type"] == "ERROR"
+        with pytest.raises(InvalidStatus):
+            connect(proc.ws_url("b", key="envkey"))  # the WebSocket moved with --path
+    finally:
+        proc.stop()
+
+
+def test_disallowed_origin_cannot_open_a_websocket(tmp_path: Path) -> None:
+    proc = ServerProcess(tmp_path, ["--allowed-origin", "https://good.example"])
+    proc.start()
+    try:
+        with pytest.raises(InvalidStatus) as e:
+            connect(proc.ws_url("a"), origin="https://evil.example")  # type: ignore[arg-type]
+        assert e.value.response.status_code == 403
+        with connect(proc.ws_url("a"), origin="https://good.example") as ws:  # type: ignore[arg-type]
+            assert recv_json(ws) == {"type": "OPEN"}
+        _status, headers, _ = proc.get("/peerjs/id", {"Origin": "https://evil.example"})
+        assert "Access-Control-Allow-Origin" not in headers
+    finally:
+        proc.stop()

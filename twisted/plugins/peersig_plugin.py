@@ -1,0 +1,5 @@
+from twisted.application.service import ServiceMaker
+
+peersig = ServiceMaker(
+    "peersig", "peersig.tap", "PeerJS-compatible WebRTC signaling server", "peersig"
+)
