@@ -31,6 +31,9 @@ class Config:
     allowed_origins: tuple[str, ...] = field(default_factory=tuple)
     secret: bytes | None = None
     bad_frame_limit: int = 10
+    drain_timeout: float = 5.0
+    handshake_timeout: float = 5.0
+    log_peers: bool = False
 
     @property
     def dead_after(self) -> float:

@@ -1,13 +1,22 @@
-"""Prometheus metrics, read from the core's plain counters at scrape time."""
+"""Prometheus metrics and the seed's JSON summary, read from the core at scrape time."""
 
 from __future__ import annotations
 
+import time
+from collections import Counter
 from collections.abc import Iterator
+from typing import Any
 
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 
 from .rooms import Hub
+from .stats import Histogram
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -23,10 +32,15 @@ class HubCollector:
                                 value=len(hub.sessions))
         yield GaugeMetricFamily("peersig_rooms", "Rooms with at least one peer.",
                                 value=len(hub.rooms))
-        yield GaugeMetricFamily("peersig_queued_messages",
-                                "Messages waiting in offline queues.",
+        occupancy = Counter(len(room.peers) for room in hub.rooms.values())
+        buckets = [(str(size), sum(n for s, n in occupancy.items() if s <= size))
+                   for size in (1, 2, 3, 4, 6, 8, 16)]
+        buckets.append(("+Inf", len(hub.rooms)))
+        yield HistogramMetricFamily("peersig_room_occupancy", "Rooms by number of peers.",
+                                    buckets=buckets, sum_value=len(hub.sessions))
+        yield GaugeMetricFamily("peersig_queued_messages", "Messages in offline queues.",
                                 value=sum(r.queued for r in hub.rooms_with_queues))
-        yield GaugeMetricFamily("peersig_queued_bytes", "Bytes waiting in offline queues.",
+        yield GaugeMetricFamily("peersig_queued_bytes", "Bytes in offline queues.",
                                 value=hub.queued_bytes)
         yield _labelled("peersig_messages", "Accepted messages from peers, by type.",
                         "type", stats.received)
@@ -42,11 +56,13 @@ class HubCollector:
                                   value=stats.expiries)
         yield CounterMetricFamily("peersig_rate_limited", "Frames dropped by the rate limit.",
                                   value=stats.rate_limited)
-        yield CounterMetricFamily("peersig_sweeps", "Liveness sweeps run.", value=stats.sweeps)
         yield CounterMetricFamily("peersig_sweep_errors", "Errors caught inside sweeps.",
                                   value=stats.sweep_errors)
-        yield GaugeMetricFamily("peersig_sweep_seconds", "Duration of the last sweep.",
-                                value=stats.sweep_seconds)
+        yield _histogram("peersig_sweep_seconds", "Duration of liveness sweeps.",
+                         stats.sweep_seconds)
+        yield _histogram("peersig_relay_seconds",
+                         "Time to handle one inbound frame (one in 64 is timed).",
+                         stats.relay_seconds)
 
 
 def _labelled(name: str, doc: str, label: str, counts: dict[str, int]) -> Metric:
@@ -54,6 +70,11 @@ def _labelled(name: str, doc: str, label: str, counts: dict[str, int]) -> Metric
     for value, count in sorted(counts.items()):
         family.add_metric([value], count)
     return family
+
+
+def _histogram(name: str, doc: str, histogram: Histogram) -> Metric:
+    return HistogramMetricFamily(name, doc, buckets=histogram.cumulative(),
+                                 sum_value=histogram.total)
 
 
 def make_registry(hub: Hub) -> CollectorRegistry:
@@ -64,3 +85,19 @@ def make_registry(hub: Hub) -> CollectorRegistry:
 
 def render(registry: CollectorRegistry) -> bytes:
     return bytes(generate_latest(registry))
+
+
+def summary(hub: Hub) -> dict[str, Any]:
+    """The seed's JSON metrics shape."""
+    stats = hub.stats
+    errors = dict(stats.drops)
+    errors["internal"] = stats.disconnections.get("internal_error", 0)
+    errors["sweep"] = stats.sweep_errors
+    return {
+        "activeRooms": len(hub.rooms),
+        "totalConnections": len(hub.sessions),
+        "messagesPerSecond": round(stats.messages_per_second(), 3),
+        "uptimeSeconds": round(hub.clock.seconds() - hub.started, 3),
+        "timestamp": int(time.time() * 1000),
+        "errors": errors,
+    }

@@ -7,8 +7,9 @@ handed transports (``PeerTransport``) and a clock, so tests drive it synchronous
 
 from __future__ import annotations
 
+import hashlib
 import uuid
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
@@ -69,10 +70,12 @@ class OfflineQueue:
 
 
 class Room:
-    __slots__ = ("name", "peers", "queued", "queues")
+    __slots__ = ("name", "peers", "queued", "queues", "tag")
 
     def __init__(self, name: str) -> None:
         self.name = name
+        # Logs name a room by this digest: in token mode the room name is the token.
+        self.tag = hashlib.sha256(name.encode()).hexdigest()[:12]
         self.peers: dict[str, Session] = {}
         self.queues: dict[str, OfflineQueue] = {}
         self.queued = 0  # messages in all queues of this room
@@ -96,9 +99,15 @@ class Hub:
 
     # -- joining ---------------------------------------------------------------------------
 
-    def _reject(self, transport: PeerTransport, outcome: str, msg: str) -> None:
+    def _who(self, peer_id: str, address: str) -> dict[str, Any]:
+        """Log fields naming a peer: only with --log-peers."""
+        return {"peer": peer_id, "address": address} if self.config.log_peers else {}
+
+    def _reject(self, transport: PeerTransport, req: JoinRequest, outcome: str,
+                msg: str) -> None:
         self.stats.connections[outcome] += 1
-        log.info("join rejected: {reason}", reason=outcome)
+        log.info("join rejected: {reason}", event="reject", reason=outcome,
+                 **self._who(req.id, req.address))
         transport.send_frame(error_frame(msg))
         transport.close_with(CLOSE_POLICY, msg)
 
@@ -116,24 +125,24 @@ class Hub:
         """Register a peer, or reject it with an ERROR frame and a close."""
         cfg = self.config
         if not (req.id and req.token and req.key):
-            self._reject(transport, "missing_params", E_MISSING_PARAMS)
+            self._reject(transport, req, "missing_params", E_MISSING_PARAMS)
             return None
         if cfg.room_by != "key" and req.key != cfg.key:
-            self._reject(transport, "invalid_key", E_INVALID_KEY)
+            self._reject(transport, req, "invalid_key", E_INVALID_KEY)
             return None
         name = self.room_name(req)
         if cfg.room_by != "none" and not valid_room(name):
-            self._reject(transport, "invalid_room", E_INVALID_ROOM)
+            self._reject(transport, req, "invalid_room", E_INVALID_ROOM)
             return None
         if not valid_id(req.id):
-            self._reject(transport, "invalid_id", E_INVALID_ID)
+            self._reject(transport, req, "invalid_id", E_INVALID_ID)
             return None
         now = self.clock.seconds()
         if cfg.secret is not None:
             signed = tokens.split(req.token)
             signed_room = name if cfg.room_by != "none" else cfg.key
             if signed is None or not tokens.verify(cfg.secret, signed, signed_room, req.id, now):
-                self._reject(transport, "invalid_token", E_INVALID_TOKEN)
+                self._reject(transport, req, "invalid_token", E_INVALID_TOKEN)
                 return None
         room = self.rooms.get(name)
         holder = room.peers.get(req.id) if room is not None else None
@@ -141,16 +150,17 @@ class Hub:
             assert room is not None
             if not self._may_take_over(holder, req, now):
                 self.stats.connections["id_taken"] += 1
-                log.info("join rejected: {reason}", reason="id_taken")
+                log.info("join rejected: {reason}", event="reject", reason="id_taken",
+                         **self._who(req.id, req.address))
                 transport.send_frame(ID_TAKEN_FRAME)
                 transport.close_with(CLOSE_POLICY, "ID is taken")
                 return None
             return self._take_over(holder, transport, req, now)
         if len(self.sessions) >= cfg.max_peers:
-            self._reject(transport, "server_full", E_SERVER_FULL)
+            self._reject(transport, req, "server_full", E_SERVER_FULL)
             return None
         if cfg.max_peers_per_ip and self.per_address.get(req.address, 0) >= cfg.max_peers_per_ip:
-            self._reject(transport, "address_full", E_ADDRESS_FULL)
+            self._reject(transport, req, "address_full", E_ADDRESS_FULL)
             return None
         if (
             cfg.room_by != "none"
@@ -158,7 +168,7 @@ class Hub:
             and room is not None
             and len(room.peers) >= cfg.room_size
         ):
-            self._reject(transport, "room_full", room_full_text(cfg.room_size))
+            self._reject(transport, req, "room_full", room_full_text(cfg.room_size))
             return None
         if room is None:
             room = self.rooms[name] = Room(name)
@@ -192,8 +202,8 @@ class Hub:
         self.sessions.add(session)
         self.per_address[session.address] = self.per_address.get(session.address, 0) + 1
         self.stats.connections[outcome] += 1
-        log.debug("peer {peer_id} {outcome} in {room}", peer_id=session.id, outcome=outcome,
-                  room=room.name)
+        log.info("peer joined room {room} ({outcome})", event="connect", outcome=outcome,
+                 room=room.tag, peers=len(room.peers), **self._who(session.id, session.address))
         session.transport.send_frame(OPEN_FRAME)
         queue = room.queues.pop(session.id, None)
         if queue is not None:
@@ -239,6 +249,7 @@ class Hub:
         ):
             # Keep the oldest messages; the sender learns at once, once per pair.
             self.stats.drops["queue_full"] += 1
+            self._log_drop(sender, "queue_full")
             if queue is None:
                 self._expire(sender, dst)
             elif sender.id not in queue.told:
@@ -282,10 +293,20 @@ class Hub:
 
     # -- bad input -------------------------------------------------------------------------
 
+    def _log_drop(self, session: Session, reason: str) -> None:
+        # Once per peer and reason: a flood of bad frames must not become a flood of logs.
+        seen = session.drop_reasons
+        if seen is None:
+            seen = session.drop_reasons = set()
+        if reason not in seen:
+            seen.add(reason)
+            log.info("dropped a message: {reason}", event="drop", reason=reason,
+                     room=session.room.tag, **self._who(session.id, session.address))
+
     def bad_frame(self, session: Session, reason: str) -> None:
         self.stats.drops[reason] += 1
         session.bad_frames += 1
-        log.debug("bad frame from {peer_id}: {reason}", peer_id=session.id, reason=reason)
+        self._log_drop(session, reason)
         if session.bad_frames > self.config.bad_frame_limit:
             self.depart(session, "bad_frames")
             session.transport.close_with(CLOSE_POLICY, "Too many invalid messages")
@@ -293,6 +314,7 @@ class Hub:
     def rate_limited(self, session: Session, limited_for: float) -> None:
         self.stats.drops["rate_limit"] += 1
         self.stats.rate_limited += 1
+        self._log_drop(session, "rate_limit")
         if limited_for >= self.config.rate_limit_grace:
             self.depart(session, "rate_limit")
             session.transport.send_frame(error_frame(E_RATE_LIMIT))
@@ -323,8 +345,9 @@ class Hub:
         room = session.room
         if room.peers.get(session.id) is session:
             del room.peers[session.id]
-        log.debug("peer {peer_id} left {room}: {reason}", peer_id=session.id, room=room.name,
-                  reason=reason)
+        log.info("peer left room {room}: {reason}", event="disconnect", reason=reason,
+                 room=room.tag, duration=round(self.clock.seconds() - session.connected_at, 3),
+                 **self._who(session.id, session.address))
         frame = leave_frame(session.id)
         if not notify:
             pass
@@ -370,8 +393,9 @@ class Hub:
         except Exception:
             self.stats.sweep_errors += 1
             log.failure("queue expiry failed")
-        self.stats.sweeps += 1
-        self.stats.sweep_seconds = self.clock.seconds() - started
+        stats = self.stats
+        stats.sweep_seconds.observe(self.clock.seconds() - started)
+        stats.history.append((now, sum(stats.received.values())))
 
     def close_all(self, code: int = CLOSE_GOING_AWAY, reason: str = "Server shutting down") -> None:
         for session in list(self.sessions):

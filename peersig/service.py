@@ -1,20 +1,32 @@
-"""The service tree: listening endpoints, the liveness sweep, and a clean stop."""
+"""The service tree: listening endpoints, the liveness sweep, certificate reloads, and a
+draining stop."""
 
 from __future__ import annotations
+
+import signal
+from typing import Any
 
 from autobahn.twisted.resource import WebSocketResource
 from twisted.application.internet import StreamServerEndpointService, TimerService
 from twisted.application.service import MultiService
+from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from .config import Config
+from .messages import CLOSE_GOING_AWAY
 from .rooms import Hub
+from .tls import ReloadingTLS, tls_endpoint
 from .web import QuietSite, Root
-from .websocket import make_factory
+from .websocket import PeerFactory, make_factory
 
 log = Logger()
+
+# However fast the peers go, a draining server keeps answering /health with 503 this long
+# (bounded by --drain-timeout), so load balancers see it before the port closes.
+MIN_DRAIN_WINDOW = 1.0
 
 
 def run_sweep(hub: Hub) -> None:
@@ -27,26 +39,88 @@ def run_sweep(hub: Hub) -> None:
 
 
 class PeersigService(MultiService):
-    def __init__(self, hub: Hub) -> None:
+    def __init__(self, hub: Hub, factory: PeerFactory, clock: IReactorTime,
+                 certificates: list[ReloadingTLS]) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
         self.hub = hub
+        self.factory = factory
+        self.clock = clock
+        self.certificates = certificates
 
-    def stopService(self):  # type: ignore[no-untyped-def]
-        self.hub.draining = True
-        self.hub.close_all()
-        return super().stopService()  # type: ignore[no-untyped-call]
+    def startService(self) -> None:
+        super().startService()  # type: ignore[no-untyped-call]
+        from twisted.internet import reactor
+
+        def on_hangup(signum: int, frame: Any) -> None:
+            reactor.callFromThread(self.reload_certificates)  # type: ignore[attr-defined]
+
+        def on_terminate(signum: int, frame: Any) -> None:
+            # Twisted's own handler would re-raise SIGTERM once stopped; a completed drain
+            # is a clean exit, status 0.
+            reactor.callFromThread(reactor.stop)  # type: ignore[attr-defined]
+
+        def install() -> None:
+            signal.signal(signal.SIGHUP, on_hangup)
+            signal.signal(signal.SIGTERM, on_terminate)
+
+        # After the reactor's own handlers, which it installs as it starts running.
+        reactor.callWhenRunning(install)
+
+    def reload_certificates(self) -> None:
+        for certificate in self.certificates:
+            certificate.reload()
+
+    def stopService(self) -> Deferred[None]:
+        """Drain: /health turns 503, upgrades are refused, every peer gets 1001; the port
+        closes once they are gone (but not before MIN_DRAIN_WINDOW) or at the drain timeout."""
+        hub = self.hub
+        hub.draining = True
+        log.info("draining {peers} peers", peers=len(hub.sessions))
+        hub.close_all(CLOSE_GOING_AWAY, "Server shutting down")
+        for protocol in list(self.factory.open_connections):
+            protocol.close_with(CLOSE_GOING_AWAY, "Server shutting down")
+        started = self.clock.seconds()
+        limit = hub.config.drain_timeout
+        drained: Deferred[None] = Deferred()
+
+        def check() -> None:
+            elapsed = self.clock.seconds() - started
+            left = self.factory.open_connections
+            if (not left and elapsed >= min(MIN_DRAIN_WINDOW, limit)) or elapsed >= limit:
+                for protocol in list(left):
+                    protocol.abort_connection()
+                poll.stop()
+                drained.callback(None)
+
+        poll = LoopingCall(check)
+        poll.clock = self.clock
+        poll.start(0.05)
+        def stop_children(_: None) -> Any:
+            return MultiService.stopService(self)
+
+        return drained.addCallback(stop_children)
 
 
-def make_site(hub: Hub) -> QuietSite:
-    return QuietSite(Root(hub, WebSocketResource(make_factory(hub))))  # type: ignore[no-untyped-call]
+def make_site(hub: Hub, factory: PeerFactory) -> QuietSite:
+    site = QuietSite(Root(hub, WebSocketResource(factory)))  # type: ignore[no-untyped-call]
+    # A client that opens TCP and sends nothing, or half a request, is cut this soon.
+    site.timeOut = hub.config.handshake_timeout
+    return site
 
 
-def make_service(config: Config, ports: list[str], reactor: IReactorTime) -> PeersigService:
+def make_service(config: Config, ports: list[str], reactor: Any) -> PeersigService:
     hub = Hub(config, reactor)
-    top = PeersigService(hub)
-    site = make_site(hub)
+    factory = make_factory(hub)
+    site = make_site(hub, factory)
+    certificates: list[ReloadingTLS] = []
+    top = PeersigService(hub, factory, reactor, certificates)
     for description in ports:
-        listening = StreamServerEndpointService(serverFromString(reactor, description), site)
+        if description.startswith("ssl:"):
+            endpoint, certificate = tls_endpoint(reactor, description)
+            certificates.append(certificate)
+        else:
+            endpoint = serverFromString(reactor, description)
+        listening = StreamServerEndpointService(endpoint, site)
         listening._raiseSynchronously = True
         listening.setServiceParent(top)
     sweep = TimerService(config.sweep_interval, run_sweep, hub)

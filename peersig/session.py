@@ -44,6 +44,7 @@ class Session:
         "bad_frames",
         "connected_at",
         "contacts",
+        "drop_reasons",
         "hub",
         "id",
         "last_drop",
@@ -84,6 +85,7 @@ class Session:
         self.last_drop = -1e18
         self.bad_frames = 0
         self.contacts: set[str] | None = None
+        self.drop_reasons: set[str] | None = None
 
     def __repr__(self) -> str:
         return f"<Session {self.id!r} in {self.room.name!r}>"

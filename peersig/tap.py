@@ -15,6 +15,7 @@ from twisted.application.service import IService
 from twisted.python import usage
 
 from .config import Config
+from .tls import CertificateError, load_options, split_description
 from .tokens import read_secret
 
 DEFAULT_PORT = "tcp:9000"
@@ -75,11 +76,18 @@ class Options(usage.Options):
          "Bytes of queued messages per process.", _positive_int],
         ["expire-timeout", None, 5.0,
          "Seconds a queued message waits before its sender gets EXPIRE.", _positive_float],
+        ["drain-timeout", None, 5.0,
+         "Seconds a stopping server waits for peers to close before it exits.",
+         _positive_float],
+        ["handshake-timeout", None, 5.0,
+         "Seconds a client has to complete its HTTP request or WebSocket handshake.",
+         _positive_float],
         ["secret-file", None, None,
          "File with the HMAC secret; peers then need signed join tokens [default: none]."],
     ]
     optFlags: list[list[str | None]] = [
         ["allow-discovery", None, "Answer GET {path}{key}/peers with the room's ids."],
+        ["log-peers", None, "Put peer ids and client addresses in log events."],
     ]
 
     def __init__(self) -> None:
@@ -136,6 +144,9 @@ class Options(usage.Options):
         if not path.endswith("/"):
             path += "/"
         self["path"] = path
+        for description in self["port"]:
+            if description.startswith("ssl:"):
+                _check_certificate(description)
 
     def config(self) -> Config:
         secret = None
@@ -162,9 +173,23 @@ class Options(usage.Options):
             total_queue_bytes=self["total-queue-bytes"],
             expire_timeout=self["expire-timeout"],
             allow_discovery=bool(self["allow-discovery"]),
+            drain_timeout=self["drain-timeout"],
+            handshake_timeout=self["handshake-timeout"],
+            log_peers=bool(self["log-peers"]),
             allowed_origins=tuple(self["allowed-origin"]),
             secret=secret,
         )
+
+
+def _check_certificate(description: str) -> None:
+    """A missing or unreadable certificate is a usage error, not a traceback."""
+    args, kw = split_description(description)
+    private_key = kw.get("privateKey", args[2] if len(args) > 2 else "server.pem")
+    cert_key = kw.get("certKey", args[3] if len(args) > 3 else private_key)
+    try:
+        load_options(private_key, cert_key, kw.get("extraCertChain"))
+    except CertificateError as e:
+        raise usage.UsageError(f"--port {description.split(':')[0]}:...: {e}") from None
 
 
 def env_name(option: str) -> str:

@@ -15,7 +15,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
 from . import __version__
-from .metrics import CONTENT_TYPE, make_registry, render
+from .metrics import CONTENT_TYPE, make_registry, render, summary
 from .rooms import Hub
 
 BANNER = {
@@ -50,6 +50,8 @@ class Root(Resource):
         if raw.rstrip("/") == "/health":
             return self._health(request)
         if raw.rstrip("/") == "/metrics":
+            if b"application/json" in (request.getHeader(b"accept") or b""):
+                return _json(request, summary(self.hub))
             request.setHeader(b"content-type", CONTENT_TYPE.encode())
             return render(self.metrics)
         if raw == self.path or raw + "/" == self.path:

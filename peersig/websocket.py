@@ -5,15 +5,19 @@ Each ``PeerProtocol`` is also the ``PeerTransport`` of its session.
 
 from __future__ import annotations
 
+from time import perf_counter
 from typing import Any
 
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
+from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from .messages import CLOSE_INTERNAL, CLOSE_UNSUPPORTED, E_INTERNAL
 from .rooms import Hub, JoinRequest
 from .session import Session
+from .stats import TIMING_SAMPLE
 
 log = Logger()
 
@@ -37,15 +41,32 @@ def _first(params: dict[str, list[str]], name: str) -> str:
     return values[0] if values else ""
 
 
+class PeerFactory(WebSocketServerFactory):
+    """Keeps the open WebSocket connections, so a stopping server can wait for them."""
+
+    open_connections: set[PeerProtocol]
+
+
 class PeerProtocol(WebSocketServerProtocol):
     hub: Hub
+    factory: PeerFactory
     session: Session | None = None
     join_request: JoinRequest | None = None
 
     # -- Autobahn callbacks ----------------------------------------------------------------
 
+    def connectionMade(self) -> None:
+        self.factory.open_connections.add(self)
+        super().connectionMade()
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self.factory.open_connections.discard(self)
+        super().connectionLost(reason)
+
     def onConnect(self, request: ConnectionRequest) -> None:
         cfg = self.hub.config
+        if self.hub.draining:
+            raise ConnectionDeny(503, "Server is draining")
         if not cfg.origin_allowed(request.origin):
             raise ConnectionDeny(403, "Origin not allowed")
         params = request.params
@@ -77,7 +98,14 @@ class PeerProtocol(WebSocketServerProtocol):
             self.close_with(CLOSE_UNSUPPORTED, "Binary frames are not supported")
             return
         try:
-            session.received(payload)
+            stats = self.hub.stats
+            tick = stats.timing_tick = stats.timing_tick + 1
+            if tick % TIMING_SAMPLE:
+                session.received(payload)
+            else:
+                started = perf_counter()
+                session.received(payload)
+                stats.relay_seconds.observe(perf_counter() - started)
         except Exception:
             log.failure("handling a frame failed")
             self.hub.internal_error(session)
@@ -109,19 +137,20 @@ class PeerProtocol(WebSocketServerProtocol):
         self.dropConnection(abort=True)
 
 
-def make_factory(hub: Hub, **kwargs: Any) -> WebSocketServerFactory:
+def make_factory(hub: Hub, **kwargs: Any) -> PeerFactory:
     """A factory whose protocols all share ``hub``; frame limits come from its config."""
-    factory = WebSocketServerFactory(**kwargs)
+    factory = PeerFactory(**kwargs)  # type: ignore[no-untyped-call]
+    factory.open_connections = set()
     factory.protocol = type("PeerProtocol", (PeerProtocol,), {"hub": hub})  # type: ignore[assignment]
     size = hub.config.max_message_size
-    factory.setProtocolOptions(
+    factory.setProtocolOptions(  # type: ignore[no-untyped-call]
         maxFramePayloadSize=size,
         maxMessagePayloadSize=size,
         # Our JSON decoder rejects invalid UTF-8 itself.
         utf8validateIncoming=False,
         # Protocol failures (1009 for an oversize frame) send a close frame, not a bare RST.
         failByDrop=False,
-        openHandshakeTimeout=10,
+        openHandshakeTimeout=hub.config.handshake_timeout,
         closeHandshakeTimeout=2,
     )
     return factory

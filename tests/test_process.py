@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -153,10 +154,13 @@ def test_metrics_follow_a_session(server: ServerProcess) -> None:
 
     before = sample("peersig_messages_total", type="CANDIDATE")
     drops = sample("peersig_drops_total", reason="bad_json")
+    closed = sample("peersig_disconnections_total", reason="closed")
+    peers = sample("peersig_peers")
     with connect(server.ws_url("m1", token="metrics")) as a, \
             connect(server.ws_url("m2", token="metrics")) as b:
         recv_json(a), recv_json(b)
-        assert sample("peersig_peers") >= 2 and sample("peersig_rooms") >= 1
+        assert sample("peersig_peers") == peers + 2
+        assert sample("peersig_room_occupancy_bucket", le="2") >= 1
         a.send(json.dumps({"type": "CANDIDATE", "dst": "m2", "payload": {}}))
         recv_json(b)
         a.send("][")
@@ -164,7 +168,23 @@ def test_metrics_follow_a_session(server: ServerProcess) -> None:
         a.send(json.dumps({"type": "CANDIDATE", "dst": "m2", "payload": {}}))
         recv_json(b)
     assert sample("peersig_messages_total", type="CANDIDATE") == before + 2
+    assert sample("peersig_relays_total", type="CANDIDATE") >= before + 2
     assert sample("peersig_drops_total", reason="bad_json") == drops + 1
+    deadline = time.monotonic() + 5
+    while sample("peersig_peers") != peers and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert sample("peersig_peers") == peers
+    assert sample("peersig_disconnections_total", reason="closed") == closed + 2
+    assert sample("peersig_sweep_seconds_count") > 0
+
+
+def test_metrics_json_shape(server: ServerProcess) -> None:
+    status, headers, body = server.get("/metrics", {"Accept": "application/json"})
+    data = json.loads(body)
+    assert status == 200 and headers["Content-Type"] == "application/json"
+    assert set(data) == {"activeRooms", "totalConnections", "messagesPerSecond",
+                         "uptimeSeconds", "timestamp", "errors"}
+    assert isinstance(data["errors"], dict) and data["uptimeSeconds"] > 0
 
 
 def test_path_option_and_environment(tmp_path: Path) -> None:
