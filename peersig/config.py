@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from .auth import IPeerAuthorizer, OpenAuthorizer
+
 RoomBy = Literal["token", "key", "none"]
 
 
@@ -30,6 +32,7 @@ class Config:
     allow_discovery: bool = False
     allowed_origins: tuple[str, ...] = field(default_factory=tuple)
     secret: bytes | None = None
+    authorizer: IPeerAuthorizer = field(default_factory=OpenAuthorizer)
     bad_frame_limit: int = 10
     drain_timeout: float = 5.0
     handshake_timeout: float = 5.0

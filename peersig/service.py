@@ -41,14 +41,14 @@ def run_sweep(hub: Hub) -> None:
 class PeersigService(MultiService):
     def __init__(self, hub: Hub, factory: PeerFactory, clock: IReactorTime,
                  certificates: list[ReloadingTLS]) -> None:
-        super().__init__()  # type: ignore[no-untyped-call]
+        super().__init__()
         self.hub = hub
         self.factory = factory
         self.clock = clock
         self.certificates = certificates
 
     def startService(self) -> None:
-        super().startService()  # type: ignore[no-untyped-call]
+        super().startService()
         from twisted.internet import reactor
 
         def on_hangup(signum: int, frame: Any) -> None:
@@ -102,7 +102,7 @@ class PeersigService(MultiService):
 
 
 def make_site(hub: Hub, factory: PeerFactory) -> QuietSite:
-    site = QuietSite(Root(hub, WebSocketResource(factory)))  # type: ignore[no-untyped-call]
+    site = QuietSite(Root(hub, WebSocketResource(factory)))
     # A client that opens TCP and sends nothing, or half a request, is cut this soon.
     site.timeOut = hub.config.handshake_timeout
     return site

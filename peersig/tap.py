@@ -14,6 +14,7 @@ from typing import Any
 from twisted.application.service import IService
 from twisted.python import usage
 
+from .auth import authorizers
 from .config import Config
 from .tls import CertificateError, load_options, split_description
 from .tokens import read_secret
@@ -82,6 +83,9 @@ class Options(usage.Options):
         ["handshake-timeout", None, 5.0,
          "Seconds a client has to complete its HTTP request or WebSocket handshake.",
          _positive_float],
+        ["auth", None, None,
+         "Authorizer plugin deciding who may join: open, hmac, or your own "
+         "[default: hmac with --secret-file, else open]."],
         ["secret-file", None, None,
          "File with the HMAC secret; peers then need signed join tokens [default: none]."],
     ]
@@ -91,7 +95,7 @@ class Options(usage.Options):
     ]
 
     def __init__(self) -> None:
-        super().__init__()  # type: ignore[no-untyped-call]
+        super().__init__()
         self["port"] = []
         self["allowed-origin"] = []
         self._cli_lists: set[str] = set()
@@ -147,6 +151,7 @@ class Options(usage.Options):
         for description in self["port"]:
             if description.startswith("ssl:"):
                 _check_certificate(description)
+        self.built = self.config()
 
     def config(self) -> Config:
         secret = None
@@ -155,6 +160,13 @@ class Options(usage.Options):
                 secret = read_secret(self["secret-file"])
             except (OSError, ValueError) as e:
                 raise usage.UsageError(f"--secret-file: {e}") from None
+        name = self["auth"] or ("hmac" if secret else "open")
+        found = authorizers()
+        if name not in found:
+            raise usage.UsageError(f"--auth {name}: no such authorizer "
+                                   f"(found: {', '.join(sorted(found))})")
+        if name == "hmac" and secret is None:
+            raise usage.UsageError("--auth hmac needs --secret-file")
         return Config(
             path=self["path"],
             key=self["key"],
@@ -178,6 +190,7 @@ class Options(usage.Options):
             log_peers=bool(self["log-peers"]),
             allowed_origins=tuple(self["allowed-origin"]),
             secret=secret,
+            authorizer=found[name],
         )
 
 
@@ -201,4 +214,4 @@ def makeService(options: Options) -> IService:
 
     from .service import make_service
 
-    return make_service(options.config(), options["port"], reactor)  # type: ignore[arg-type,unused-ignore]
+    return make_service(options.built, options["port"], reactor)  # type: ignore[arg-type,unused-ignore]

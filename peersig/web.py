@@ -11,6 +11,10 @@ import time
 from typing import Any
 
 from autobahn.twisted.resource import WebSocketResource
+from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.protocol import connectionDone
+from twisted.python.failure import Failure
+from twisted.web.http import HTTPChannel
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
@@ -29,7 +33,7 @@ class Root(Resource):
     isLeaf = True
 
     def __init__(self, hub: Hub, websocket: WebSocketResource) -> None:
-        super().__init__()  # type: ignore[no-untyped-call]
+        super().__init__()
         self.hub = hub
         self.websocket = websocket
         self.path = hub.config.path
@@ -113,8 +117,38 @@ def _json(request: Request, value: object) -> bytes:
     return json.dumps(value).encode()
 
 
+class GuardedChannel(HTTPChannel):
+    """An HTTP connection that must deliver a whole request head within the site's
+    ``timeOut``: idle timeouts alone let a client trickle one byte at a time forever."""
+
+    _deadline: IDelayedCall | None = None
+    _got_head = False
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        self._deadline = self.callLater(self.timeOut, self._deadline_passed)
+
+    def allHeadersReceived(self) -> None:
+        self._got_head = True
+        super().allHeadersReceived()
+
+    def _deadline_passed(self) -> None:
+        self._deadline = None
+        # After a WebSocket upgrade the transport belongs to Autobahn (ours is None).
+        if not self._got_head and self.transport is not None:
+            self.transport.abortConnection()  # type: ignore[attr-defined]
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if self._deadline is not None and self._deadline.active():
+            self._deadline.cancel()
+        self._deadline = None
+        super().connectionLost(reason)
+
+
 class QuietSite(Site):
     """No access log: upgrade URLs carry tokens, and per-request lines cost CPU."""
+
+    protocol = GuardedChannel  # type: ignore[assignment]
 
     def log(self, request: Any) -> None:
         pass

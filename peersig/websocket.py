@@ -75,7 +75,8 @@ class PeerProtocol(WebSocketServerProtocol):
             getattr(self.transport.getPeer(), "host", ""), request.headers, cfg.trusted_proxies
         )
         self.join_request = JoinRequest(
-            _first(params, "key"), _first(params, "id"), _first(params, "token"), address
+            _first(params, "key"), _first(params, "id"), _first(params, "token"), address,
+            request.origin or "",
         )
 
     def onOpen(self) -> None:
@@ -123,7 +124,7 @@ class PeerProtocol(WebSocketServerProtocol):
     # -- PeerTransport ---------------------------------------------------------------------
 
     def send_frame(self, frame: bytes) -> None:
-        self.sendMessage(frame, False)  # type: ignore[no-untyped-call]
+        self.sendMessage(frame, False)
 
     def send_ping(self) -> None:
         self.sendPing()
@@ -139,11 +140,11 @@ class PeerProtocol(WebSocketServerProtocol):
 
 def make_factory(hub: Hub, **kwargs: Any) -> PeerFactory:
     """A factory whose protocols all share ``hub``; frame limits come from its config."""
-    factory = PeerFactory(**kwargs)  # type: ignore[no-untyped-call]
+    factory = PeerFactory(**kwargs)
     factory.open_connections = set()
     factory.protocol = type("PeerProtocol", (PeerProtocol,), {"hub": hub})  # type: ignore[assignment]
     size = hub.config.max_message_size
-    factory.setProtocolOptions(  # type: ignore[no-untyped-call]
+    factory.setProtocolOptions(
         maxFramePayloadSize=size,
         maxMessagePayloadSize=size,
         # Our JSON decoder rejects invalid UTF-8 itself.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from peersig import tokens
+from peersig.auth import HMACAuthorizer
 from peersig.websocket import client_address
 
 from .fakes import World
@@ -35,7 +36,7 @@ def test_malformed_tokens(bad: str) -> None:
 
 
 def test_hub_with_secret_checks_tokens_and_lets_signed_tokens_take_over() -> None:
-    w = World(secret=SECRET)
+    w = World(secret=SECRET, authorizer=HMACAuthorizer())
     now = w.clock.seconds()
     good = tokens.mint(SECRET, "r1", "alice", int(now) + 60)
     first = w.connect("alice", token=good)
