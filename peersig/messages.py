@@ -9,6 +9,7 @@ and relay payloads are passed through as already-encoded JSON.
 from __future__ import annotations
 
 import json
+import math
 import re
 from typing import Final, NamedTuple
 
@@ -83,7 +84,15 @@ def _reject_constant(name: str) -> None:
     raise ValueError(name)
 
 
-_decode = json.JSONDecoder(parse_constant=_reject_constant).decode
+def _finite_float(text: str) -> float:
+    # 1e400 is valid JSON but overflows to inf, which would go out as Infinity.
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(text)
+    return value
+
+
+_decode = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_finite_float).decode
 # ASCII-only output: a payload with lone surrogates (legal as \u escapes) stays encodable.
 _encode = json.JSONEncoder(separators=(",", ":")).encode
 
@@ -100,7 +109,7 @@ def parse_frame(data: bytes) -> Inbound:
     if type(obj) is not dict:
         raise BadFrame("not_object")
     mtype = obj.get("type")
-    if mtype not in CLIENT_TYPES:
+    if type(mtype) is not str or mtype not in CLIENT_TYPES:
         raise BadFrame("bad_type")
     if mtype == HEARTBEAT:
         return Inbound(HEARTBEAT, None, None)

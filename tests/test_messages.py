@@ -23,6 +23,9 @@ from peersig.messages import BadFrame, parse_frame
         (b'{"type":"ERROR"}', "bad_type"),
         (b'{"type":"offer","dst":"a"}', "bad_type"),
         (b'{"type":7}', "bad_type"),
+        (b'{"type":["OFFER"],"dst":"b"}', "bad_type"),  # found by fuzzing: unhashable
+        (b'{"type":{}}', "bad_type"),
+        (b'{"type":"OFFER","dst":"b","payload":1e400}', "bad_json"),  # would relay Infinity
         (b'{"type":"OFFER"}', "no_dst"),
         (b'{"type":"ANSWER","dst":""}', "no_dst"),
         (b'{"type":"CANDIDATE","dst":["a"]}', "no_dst"),
