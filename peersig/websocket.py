@@ -124,10 +124,14 @@ class PeerProtocol(WebSocketServerProtocol):
     # -- PeerTransport ---------------------------------------------------------------------
 
     def send_frame(self, frame: bytes) -> None:
-        self.sendMessage(frame, False)
+        # A peer whose close is under way still sits in its room until its onClose runs
+        # (two peers of a room closing in one reactor turn): it gets nothing more.
+        if self.state == self.STATE_OPEN:
+            self.sendMessage(frame, False)
 
     def send_ping(self) -> None:
-        self.sendPing()
+        if self.state == self.STATE_OPEN:
+            self.sendPing()
 
     def close_with(self, code: int, reason: str) -> None:
         # sendClose() admits only the application codes (1000, 3000-4999); a server may

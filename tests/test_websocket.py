@@ -1,0 +1,172 @@
+"""The Autobahn adapter in memory: frames in and out of ``PeerProtocol`` without sockets."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+from twisted.internet.address import IPv4Address
+from twisted.internet.testing import StringTransport
+
+from peersig.config import Config
+from peersig.rooms import Hub
+from peersig.websocket import PeerProtocol, make_factory
+
+from .fakes import World
+
+
+def handshake(key: str = "dGhlIHNhbXBsZSBub25jZQ==", query: str = "") -> bytes:
+    return (f"GET /peerjs?{query} HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\n"
+            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+            "Sec-WebSocket-Version: 13\r\n\r\n").encode()
+
+
+def client_frame(payload: bytes, opcode: int = 1, fin: bool = True,
+                 mask: bytes | None = None) -> bytes:
+    """A masked client frame, as a browser sends it."""
+    mask = mask or os.urandom(4)
+    n = len(payload)
+    head = bytes([(0x80 if fin else 0) | opcode])
+    if n < 126:
+        head += bytes([0x80 | n])
+    elif n < 65536:
+        head += bytes([0x80 | 126]) + n.to_bytes(2, "big")
+    else:
+        head += bytes([0x80 | 127]) + n.to_bytes(8, "big")
+    masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+    return head + mask + masked
+
+
+def server_frames(data: bytes) -> list[tuple[int, bytes]]:
+    """Split unmasked server frames into (opcode, payload)."""
+    out, i = [], 0
+    while i < len(data):
+        opcode, n = data[i] & 0x0F, data[i + 1] & 0x7F
+        i += 2
+        if n == 126:
+            n, i = int.from_bytes(data[i:i + 2], "big"), i + 2
+        elif n == 127:
+            n, i = int.from_bytes(data[i:i + 8], "big"), i + 8
+        out.append((opcode, data[i:i + n]))
+        i += n
+    return out
+
+
+class Peer:
+    """One PeerProtocol on a StringTransport, past the handshake and registered."""
+
+    def __init__(self, world: World, peer_id: str, token: str = "room1") -> None:
+        self.factory = make_factory(world.hub)
+        self.proto: PeerProtocol = self.factory.buildProtocol(
+            IPv4Address("TCP", "127.0.0.1", 5000))
+        self.transport = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 5000))
+        self.proto.makeConnection(self.transport)
+        self.proto.dataReceived(handshake(query=f"key=peerjs&id={peer_id}&token={token}"))
+        head, _, rest = self.transport.value().partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 101"), head
+        self.transport.clear()
+        self.pending = rest
+
+    def frames(self) -> list[tuple[int, bytes]]:
+        data = self.pending + self.transport.value()
+        self.pending = b""
+        self.transport.clear()
+        return server_frames(data)
+
+    def texts(self) -> list[dict[str, object]]:
+        return [json.loads(p) for op, p in self.frames() if op == 1]
+
+
+@pytest.fixture
+def world() -> World:
+    return World(rate_limit=0)
+
+
+def test_open_then_relay_through_the_adapter(world: World) -> None:
+    a, b = Peer(world, "alice"), Peer(world, "bob")
+    assert a.texts() == [{"type": "OPEN"}] and b.texts() == [{"type": "OPEN"}]
+    offer = json.dumps({"type": "OFFER", "dst": "bob", "payload": {"sdp": "x" * 300}}).encode()
+    a.proto.dataReceived(client_frame(offer))
+    assert b.texts() == [{"type": "OFFER", "src": "alice", "dst": "bob",
+                          "payload": {"sdp": "x" * 300}}]
+
+
+def test_several_frames_in_one_read_and_frames_split_across_reads(world: World) -> None:
+    a, b = Peer(world, "alice"), Peer(world, "bob")
+    a.frames(), b.frames()
+    msgs = [json.dumps({"type": "CANDIDATE", "dst": "bob", "payload": {"n": n}}).encode()
+            for n in range(5)]
+    wire = b"".join(client_frame(m) for m in msgs) + client_frame(b'{"type":"HEARTBEAT"}')
+    a.proto.dataReceived(wire[:3])
+    for i in range(3, len(wire), 7):
+        a.proto.dataReceived(wire[i:i + 7])
+    assert [m["payload"] for m in b.texts()] == [{"n": n} for n in range(5)]
+    big = json.dumps({"type": "OFFER", "dst": "bob", "payload": "y" * 70000}).encode()
+    a.proto.dataReceived(client_frame(big))  # over the 64 KiB default: 1009
+    ops = a.frames()
+    assert ops[-1][0] == 8 and int.from_bytes(ops[-1][1][:2], "big") == 1009
+
+
+def test_fragmented_message_is_reassembled(world: World) -> None:
+    a, b = Peer(world, "alice"), Peer(world, "bob")
+    a.frames(), b.frames()
+    msg = json.dumps({"type": "ANSWER", "dst": "bob", "payload": {"k": "v" * 200}}).encode()
+    a.proto.dataReceived(client_frame(msg[:50], fin=False) + client_frame(msg[50:120], 0, False)
+                         + client_frame(msg[120:], 0, True))
+    assert b.texts()[0]["payload"] == {"k": "v" * 200}
+
+
+def test_ping_gets_pong_and_pong_marks_alive(world: World) -> None:
+    a = Peer(world, "alice")
+    a.frames()
+    a.proto.dataReceived(client_frame(b"hi", opcode=9))
+    assert a.frames() == [(10, b"hi")]
+    session = a.proto.session
+    assert session is not None
+    world.clock.advance(3)
+    a.proto.dataReceived(client_frame(b"", opcode=10))
+    assert session.last_seen == world.clock.seconds()
+
+
+def test_binary_frame_closes_1003(world: World) -> None:
+    a = Peer(world, "alice")
+    a.frames()
+    a.proto.dataReceived(client_frame(b"\x00\x01", opcode=2))
+    (op, body), = a.frames()
+    assert op == 8 and int.from_bytes(body[:2], "big") == 1003
+
+
+def test_invalid_utf8_in_a_payload_is_a_bad_frame(world: World) -> None:
+    a, b = Peer(world, "alice"), Peer(world, "bob")
+    a.frames(), b.frames()
+    a.proto.dataReceived(client_frame(b'{"type":"OFFER","dst":"bob","payload":"\xff"}'))
+    assert b.frames() == []
+    assert world.hub.stats.drops["bad_json"] == 1
+
+
+def test_unmasked_client_frame_is_a_protocol_error(world: World) -> None:
+    a = Peer(world, "alice")
+    a.frames()
+    a.proto.dataReceived(b"\x81\x05hello")
+    (op, body), = a.frames()
+    assert op == 8 and int.from_bytes(body[:2], "big") == 1002
+
+
+def test_nothing_is_sent_on_a_closing_protocol(world: World) -> None:
+    a, b = Peer(world, "alice"), Peer(world, "bob")
+    a.frames(), b.frames()
+    b.proto.close_with(1000, "bye")  # b's close is under way, it is still in the room
+    b.frames()
+    a.proto.dataReceived(client_frame(b'{"type":"OFFER","dst":"bob","payload":1}'))
+    b.proto.send_ping()
+    assert b.frames() == []
+    assert a.frames() == []  # the sender is not blamed (no ERROR, no 1011)
+    assert world.hub.stats.disconnections["internal_error"] == 0
+
+
+def test_config_limits_reach_autobahn() -> None:
+    hub = Hub(Config(max_message_size=1234), World().clock)
+    proto = make_factory(hub).buildProtocol(IPv4Address("TCP", "127.0.0.1", 1))
+    proto.makeConnection(StringTransport())
+    assert proto.maxMessagePayloadSize == 1234 and proto.maxFramePayloadSize == 1234
