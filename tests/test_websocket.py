@@ -170,3 +170,11 @@ def test_config_limits_reach_autobahn() -> None:
     proto = make_factory(hub).buildProtocol(IPv4Address("TCP", "127.0.0.1", 1))
     proto.makeConnection(StringTransport())
     assert proto.maxMessagePayloadSize == 1234 and proto.maxFramePayloadSize == 1234
+
+
+@pytest.mark.parametrize("size", [0, 1, 3, 4, 5, 125, 126, 1200, 65536])
+def test_unmask_matches_the_rfc(size: int) -> None:
+    from peersig.websocket import unmask
+
+    payload, mask = os.urandom(size), os.urandom(4)
+    assert unmask(mask, payload) == bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
