@@ -217,3 +217,21 @@ def test_disallowed_origin_cannot_open_a_websocket(tmp_path: Path) -> None:
         assert "Access-Control-Allow-Origin" not in headers
     finally:
         proc.stop()
+
+
+def test_bursts_to_a_slow_reader_arrive_whole_and_in_order(tmp_path: Path) -> None:
+    # More than the kernel's socket buffers take at once: the rest queues behind it.
+    proc = ServerProcess(tmp_path, ["--rate-limit", "0"])
+    proc.start()
+    try:
+        with connect(proc.ws_url("fast")) as a, connect(proc.ws_url("slow")) as b:
+            recv_json(a), recv_json(b)
+            for n in range(60):
+                a.send(json.dumps({"type": "CANDIDATE", "dst": "slow",
+                                   "payload": {"n": n, "pad": "x" * 60000}}))
+            time.sleep(0.5)
+            got = [recv_json(b)["payload"] for _ in range(60)]
+            assert [p["n"] for p in got] == list(range(60))  # type: ignore[index]
+            assert all(len(p["pad"]) == 60000 for p in got)  # type: ignore[index]
+    finally:
+        proc.stop()
