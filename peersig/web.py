@@ -130,6 +130,11 @@ class GuardedChannel(HTTPChannel):
 
     def allHeadersReceived(self) -> None:
         self._got_head = True
+        # Cancel now: after a WebSocket upgrade this channel never sees connectionLost,
+        # and a pending call would keep it (and its request) alive until the deadline.
+        if self._deadline is not None and self._deadline.active():
+            self._deadline.cancel()
+        self._deadline = None
         super().allHeadersReceived()
 
     def _deadline_passed(self) -> None:

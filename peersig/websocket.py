@@ -71,6 +71,14 @@ def _first(params: dict[str, list[str]], name: str) -> str:
     return values[0] if values else ""
 
 
+_HANDSHAKE_LEFTOVERS = (
+    "http_headers", "http_request_data", "http_request_params", "http_response_data",
+    "http_status_line", "http_request_uri", "http_request_path", "http_request_host",
+    "websocket_protocols", "websocket_extensions", "websocket_origin", "_wskey",
+    "utf8validator",
+)
+
+
 class PeerFactory(WebSocketServerFactory):
     """Keeps the open WebSocket connections, so a stopping server can wait for them."""
 
@@ -113,6 +121,11 @@ class PeerProtocol(WebSocketServerProtocol):
         req = self.join_request
         assert req is not None
         self.join_request = None
+        # The handshake is over: drop what Autobahn kept of it (headers, query, response;
+        # some 2 KB a peer, and there are tens of thousands of peers). Incoming UTF-8 is
+        # checked by the JSON decoder, so its validator goes too.
+        for name in _HANDSHAKE_LEFTOVERS:
+            setattr(self, name, None)
         try:
             self.session = self.hub.join(self, req)
         except Exception:
