@@ -147,7 +147,14 @@ class PeerProtocol(WebSocketServerProtocol):
         end = len(data)
         limit = self.maxMessagePayloadSize
         pos = 0
-        while pos + 6 <= end and data[pos] == 0x81:  # FIN, text
+        while pos + 6 <= end:
+            opcode = data[pos]
+            if opcode == 0x8A and data[pos + 1] == 0x80:  # FIN, pong, masked, empty
+                pos += 6
+                self.onPong(b"")
+                continue
+            if opcode != 0x81:  # FIN, text
+                break
             size = data[pos + 1] ^ 0x80  # must be masked: the mask bit flips off
             if size < 126:
                 start = pos + 6
@@ -218,8 +225,10 @@ class PeerProtocol(WebSocketServerProtocol):
             write_now(self.transport, head + frame)
 
     def send_ping(self) -> None:
+        # An empty ping frame, written directly: Autobahn's sendPing formats debug log
+        # lines (with terminal colours) whether or not anyone logs at debug level.
         if self.state == self.STATE_OPEN:
-            self.sendPing()
+            write_now(self.transport, b"\x89\x00")
 
     def close_with(self, code: int, reason: str) -> None:
         # sendClose() admits only the application codes (1000, 3000-4999); a server may

@@ -178,3 +178,18 @@ def test_unmask_matches_the_rfc(size: int) -> None:
 
     payload, mask = os.urandom(size), os.urandom(4)
     assert unmask(mask, payload) == bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+
+
+def test_server_ping_and_pongs_mixed_with_messages(world: World) -> None:
+    a, b = Peer(world, "alice"), Peer(world, "bob")
+    a.frames(), b.frames()
+    a.proto.send_ping()
+    assert a.frames() == [(9, b"")]
+    session = a.proto.session
+    assert session is not None
+    world.clock.advance(3)
+    offer = b'{"type":"OFFER","dst":"bob","payload":1}'
+    a.proto.dataReceived(client_frame(b"", opcode=10) + client_frame(offer)
+                         + client_frame(b"with payload", opcode=10) + client_frame(offer))
+    assert session.last_seen == world.clock.seconds()
+    assert [m["type"] for m in b.texts()] == ["OFFER", "OFFER"]
