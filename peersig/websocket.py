@@ -243,7 +243,6 @@ def make_factory(hub: Hub, **kwargs: Any) -> PeerFactory:
     """A factory whose protocols all share ``hub``; frame limits come from its config."""
     factory = PeerFactory(**kwargs)
     factory.open_connections = set()
-    factory.protocol = type("PeerProtocol", (PeerProtocol,), {"hub": hub})  # type: ignore[assignment]
     size = hub.config.max_message_size
     factory.setProtocolOptions(
         maxFramePayloadSize=size,
@@ -255,4 +254,13 @@ def make_factory(hub: Hub, **kwargs: Any) -> PeerFactory:
         openHandshakeTimeout=hub.config.handshake_timeout,
         closeHandshakeTimeout=2,
     )
+    # Autobahn copies every protocol option from the factory into each new connection
+    # (and pretty-prints the lot for a debug line, logged or not): a third of the CPU of
+    # a connect, and a bigger dict per peer. Options the class already has are not
+    # copied, so the class takes them, once.
+    options = {name: getattr(factory, name) for name in PeerProtocol.CONFIG_ATTRS}
+    # A function as a class attribute would be bound to the connection when looked up.
+    options = {k: staticmethod(v) if callable(v) else v for k, v in options.items()}
+    factory.protocol = type(  # type: ignore[assignment]
+        "PeerProtocol", (PeerProtocol,), {"hub": hub, "CONFIG_ATTRS": (), **options})
     return factory

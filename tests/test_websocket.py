@@ -193,3 +193,21 @@ def test_server_ping_and_pongs_mixed_with_messages(world: World) -> None:
                          + client_frame(b"with payload", opcode=10) + client_frame(offer))
     assert session.last_seen == world.clock.seconds()
     assert [m["type"] for m in b.texts()] == ["OFFER", "OFFER"]
+
+
+def test_compression_offers_are_declined_and_the_upgrade_succeeds(world: World) -> None:
+    proto = make_factory(world.hub).buildProtocol(IPv4Address("TCP", "127.0.0.1", 1))
+    transport = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 1))
+    proto.makeConnection(transport)
+    request = handshake(query="key=peerjs&id=z&token=r").replace(
+        b"\r\n\r\n", b"\r\nSec-WebSocket-Extensions: permessage-deflate; "
+                     b"client_max_window_bits\r\n\r\n")
+    proto.dataReceived(request)
+    head = transport.value().partition(b"\r\n\r\n")[0]
+    assert head.startswith(b"HTTP/1.1 101") and b"permessage-deflate" not in head
+
+
+def test_protocol_options_live_on_the_class_not_each_connection(world: World) -> None:
+    a = Peer(world, "alice")
+    assert "maxMessagePayloadSize" not in vars(a.proto)
+    assert a.proto.maxMessagePayloadSize == world.hub.config.max_message_size
