@@ -89,12 +89,19 @@ class _Frame(msgspec.Struct):
     """What peersig reads of a client frame; other fields are ignored, and ``payload`` is
     never decoded: it is checked to be JSON and passed on as the client wrote it."""
 
-    type: str
-    dst: str | None = None
+    # Typed loosely: msgspec checks fields in document order, and a bad ``dst`` must not
+    # hide a bad ``type`` (the checks below go in the order the reasons are defined).
+    type: object = None
+    dst: object = None
     payload: msgspec.Raw = _ABSENT
 
 
+class _TypeOnly(msgspec.Struct):
+    type: object = None
+
+
 _frame_decoder = msgspec.json.Decoder(_Frame)
+_type_decoder = msgspec.json.Decoder(_TypeOnly)
 
 
 def parse_frame(data: bytes) -> Inbound:
@@ -111,27 +118,30 @@ def parse_frame(data: bytes) -> Inbound:
     try:
         frame = _frame_decoder.decode(data)
     except msgspec.ValidationError as e:
-        raise BadFrame(_invalid_reason(str(e))) from None
+        # Not an object, or a number beyond a double somewhere in type or dst.
+        where = str(e)
+        if "`$.dst" in where:  # the type, read alone, says which reason comes first
+            try:
+                kind = _type_decoder.decode(data).type
+            except (msgspec.MsgspecError, RecursionError):
+                raise BadFrame("bad_json") from None  # it failed before reaching the end
+            if kind == HEARTBEAT:
+                return Inbound(HEARTBEAT, None, None)
+            known = type(kind) is str and kind in CLIENT_TYPES
+            raise BadFrame("no_dst" if known else "bad_type") from None
+        raise BadFrame("bad_type" if "`$.type" in where else "not_object") from None
     except (msgspec.DecodeError, RecursionError):
         raise BadFrame("bad_json") from None
     mtype = frame.type
-    if mtype not in CLIENT_TYPES:
+    if type(mtype) is not str or mtype not in CLIENT_TYPES:
         raise BadFrame("bad_type")
     if mtype == HEARTBEAT:
         return Inbound(HEARTBEAT, None, None)
     dst = frame.dst
-    if not dst:
+    if type(dst) is not str or not dst:
         raise BadFrame("no_dst")
     payload = frame.payload
     return Inbound(mtype, dst, None if payload is _ABSENT else bytes(payload))
-
-
-def _invalid_reason(message: str) -> str:
-    if "`$.dst`" in message:
-        return "no_dst"
-    if "`$.type`" in message or "field `type`" in message:
-        return "bad_type"
-    return "not_object"
 
 
 OPEN_FRAME: Final = b'{"type":"OPEN"}'

@@ -152,11 +152,14 @@ class Hub:
                 transport.send_frame(ID_TAKEN_FRAME)
                 transport.close_with(CLOSE_POLICY, "ID is taken")
                 return None
+            if req.address != holder.address and self._address_full(req.address):
+                self._reject(transport, req, "address_full", E_ADDRESS_FULL)
+                return None
             return self._take_over(holder, transport, req, now)
         if len(self.sessions) >= cfg.max_peers:
             self._reject(transport, req, "server_full", E_SERVER_FULL)
             return None
-        if cfg.max_peers_per_ip and self.per_address.get(req.address, 0) >= cfg.max_peers_per_ip:
+        if self._address_full(req.address):
             self._reject(transport, req, "address_full", E_ADDRESS_FULL)
             return None
         if (
@@ -172,6 +175,10 @@ class Hub:
         session = Session(self, transport, room, req.id, req.token, req.address, now)
         self._register(session, "opened")
         return session
+
+    def _address_full(self, address: str) -> bool:
+        cap = self.config.max_peers_per_ip
+        return bool(cap) and self.per_address.get(address, 0) >= cap
 
     def _may_take_over(self, holder: Session, req: JoinRequest, now: float) -> bool:
         cfg = self.config
@@ -245,8 +252,12 @@ class Hub:
             # Keep the oldest messages; the sender learns at once, once per pair.
             self.stats.drops["queue_full"] += 1
             self._log_drop(sender, "queue_full")
+            if queue is None and len(room.queues) < cfg.room_queue_limit * 2:
+                # An empty queue remembers that this pair was told, until it expires.
+                queue = room.queues[dst] = OfflineQueue(self.clock.seconds())
+                self.rooms_with_queues.add(room)
             if queue is None:
-                self._expire(sender, dst)
+                self._expire(sender, dst)  # past even that bound: told again, not stored
             elif sender.id not in queue.told:
                 queue.told.add(sender.id)
                 self._expire(sender, dst)
