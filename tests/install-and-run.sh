@@ -9,6 +9,8 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 python3 -m pip install --quiet --disable-pip-version-check -e '.[test]' \
     --config-settings editable_mode=compat
 bash tests/browser/install.sh
+command -v systemd-analyze >/dev/null || { apt-get install -y systemd || { apt-get update && apt-get install -y systemd; }; }  # tests/test_operations.py
+command -v haproxy >/dev/null || [ -x /usr/sbin/haproxy ] || { apt-get install -y haproxy || { apt-get update && apt-get install -y haproxy; }; }  # tests/test_haproxy.py
 
 ruff check .
 mypy
