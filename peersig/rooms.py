@@ -354,16 +354,9 @@ class Hub:
         log.info("peer left room {room}: {reason}", event="disconnect", reason=reason,
                  room=room.tag, duration=round(self.clock.seconds() - session.connected_at, 3),
                  **self._who(session.id, session.address))
-        frame = leave_frame(session.id)
-        if not notify:
-            pass
-        elif session.contacts is not None:
-            for other_id in session.contacts:
-                other = room.peers.get(other_id)
-                if other is not None:
-                    other.transport.send_frame(frame)
-        elif not self._track_contacts:
-            for other in room.peers.values():
+        if notify:
+            frame = leave_frame(session.id)
+            for other in self._told_of_departure(session):
                 other.transport.send_frame(frame)
         if not room.peers:
             # Nobody left to deliver to or to tell: forget the room and its queues.
@@ -372,6 +365,13 @@ class Hub:
                 self.queued_bytes -= queue.nbytes
             room.queues.clear()
             self.rooms_with_queues.discard(room)
+
+    def _told_of_departure(self, session: Session) -> list[Session]:
+        """The room, or in ``none`` mode the peers it exchanged messages with."""
+        peers = session.room.peers
+        if not self._track_contacts:
+            return list(peers.values())
+        return [peers[i] for i in session.contacts or () if i in peers]
 
     # -- liveness --------------------------------------------------------------------------
 
