@@ -84,6 +84,7 @@ def render_config(
     template: str | None = None,
     log: bool = True,
     maxconn: int | None = None,
+    global_extra: Sequence[str] = (),
 ) -> str:
     """``contrib/haproxy.cfg`` for a local run: listening on 127.0.0.1:``port``, one
     ``server`` line per (name, port) on 127.0.0.1, health-check timings replaced by
@@ -104,7 +105,8 @@ def render_config(
     start, end = _section(text, "global")
     kept = [line for line in text[start:end].splitlines()
             if re.match(r"\s*(maxconn|#|$)", line)]
-    extra = [f"    stats socket {stats_socket} mode 600 level admin"]
+    extra = [f"    stats socket {stats_socket} mode 600 level admin",
+             *(f"    {line}" for line in global_extra)]
     if log:
         extra.append("    log stdout format raw local0 info")
     text = text[:start] + "\n".join(kept + extra) + "\n\n" + text[end:]
@@ -142,7 +144,7 @@ class HAProxy:
 
     def __init__(self, workdir: Path, servers: Sequence[tuple[str, int]],
                  checks: dict[str, str] | None = None, binary: str | None = None,
-                 log: bool = True) -> None:
+                 log: bool = True, global_extra: Sequence[str] = ()) -> None:
         found = binary or haproxy_binary()
         if found is None:
             raise RuntimeError("haproxy not found")
@@ -153,7 +155,7 @@ class HAProxy:
         self.config_path = workdir / "haproxy.cfg"
         self.log_path = workdir / "haproxy.log"
         self.config_path.write_text(render_config(servers, self.port, self.socket_path,
-                                                  checks, log=log))
+                                                  checks, log=log, global_extra=global_extra))
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout_s: float = 10.0) -> None:
@@ -251,20 +253,23 @@ SETUPS = {
     "haproxy-1": (1, True, "1 worker behind HAProxy"),
     "haproxy-2": (2, True, "2 workers behind HAProxy"),
     "sharded-2": (2, False, "2 workers, direct (generator splits the rooms, no HAProxy)"),
+    "haproxy-2-nt1": (2, True, "2 workers behind HAProxy with `nbthread 1`"),
 }
+DEFAULT_SETUPS = ("direct-1", "haproxy-1", "haproxy-2", "sharded-2")
 
 
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def machine_ticks() -> tuple[int, int, int]:
-    """(busy, total, interrupts) jiffies of all CPUs, from /proc/stat; interrupts are irq +
-    softirq time (loopback TCP is mostly softirq work, charged to no process)."""
+def machine_ticks() -> tuple[int, int, int, int]:
+    """(busy, total, interrupts, steal) jiffies of all CPUs, from /proc/stat; interrupts are
+    irq + softirq time (loopback TCP is mostly softirq work, charged to no process); steal
+    is time the hypervisor gave this VM's CPUs to someone else."""
     with open("/proc/stat") as f:
         vals = [int(v) for v in f.readline().split()[1:9]]
     idle = vals[3] + vals[4]
-    return sum(vals) - idle, sum(vals), vals[5] + vals[6]
+    return sum(vals) - idle, sum(vals), vals[5] + vals[6], vals[7]
 
 
 def all_process_cpu() -> dict[int, float]:
@@ -429,7 +434,8 @@ async def run_setup(name: str, args, workdir: Path) -> dict:
             node.wait_ready()
         if via_haproxy:
             proxy = HAProxy(workdir, [(f"w{i}", n.port) for i, n in enumerate(nodes)],
-                            log=False)
+                            log=False,
+                            global_extra=["nbthread 1"] if name.endswith("-nt1") else ())
             proxy.start()
             targets = [proxy.port] * args.gen_workers
         elif n_workers == 1:
@@ -484,6 +490,7 @@ async def run_setup(name: str, args, workdir: Path) -> dict:
     scale = 100 * (os.cpu_count() or 1) / max(b1[1] - b0[1], 1)
     busy = (b1[0] - b0[0]) * scale
     irq = (b1[2] - b0[2]) * scale
+    steal = (b1[3] - b0[3]) * scale
     return {
         "setup": name, "peers": ok, "failed": failed, "seconds": secs, "msgs": msgs,
         "msgs_per_s": msgs / secs,
@@ -491,6 +498,7 @@ async def run_setup(name: str, args, workdir: Path) -> dict:
         "us_per_msg": {k: sum(v) / max(msgs, 1) * 1e6 for k, v in cpu.items()},
         "machine_busy_pct": busy,
         "irq_cpu_pct": irq,
+        "steal_cpu_pct": steal,
         # CPU of every other process during the window (other people's work)
         "other_cpu_pct": foreign_cpu(a0, a1, mine) / secs * 100,
         "rtt_ms_p50": max(s["rtt"].get("p50", 0) for s in stops),
@@ -531,7 +539,8 @@ def main(argv: list[str] | None = None) -> int:
     import tempfile
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--setups", default=",".join(SETUPS), help=f"of {', '.join(SETUPS)}")
+    ap.add_argument("--setups", default=",".join(DEFAULT_SETUPS),
+                    help=f"of {', '.join(SETUPS)}")
     ap.add_argument("--peers", type=int, default=1000, help="peers, in rooms of 4")
     ap.add_argument("--seconds", type=float, default=10.0, help="measured window per run")
     ap.add_argument("--warmup", type=float, default=2.0)
@@ -661,6 +670,7 @@ def summarize(runs: list[dict], name: str) -> dict:
         "gen_pct": med(lambda r: sum(r["cpu_pct"]["generator"])),
         "other_pct": med(lambda r: r["other_cpu_pct"]),
         "irq_pct": med(lambda r: r["irq_cpu_pct"]),
+        "steal_pct": med(lambda r: r.get("steal_cpu_pct", 0.0)),
         "busy_pct": med(lambda r: r["machine_busy_pct"]),
         "peersig_us": med(lambda r: r["us_per_msg"]["peersig"]),
         "haproxy_us": med(lambda r: r["us_per_msg"]["haproxy"]),
@@ -736,6 +746,7 @@ def report(runs: list[dict], args, meta: dict, raw: Path) -> str:
     row("generator CPU, % of a core", lambda v: f0(v["gen_pct"]))
     row("kernel irq/softirq (loopback TCP), % of a core", lambda v: f0(v["irq_pct"]))
     row("other processes, % of a core", lambda v: f0(v["other_pct"]))
+    row("hypervisor steal, % of a core", lambda v: f1(v["steal_pct"]))
     row(f"machine busy, % of {m.get('cores')} cores", lambda v: f0(v["busy_pct"]))
     row("peersig CPU per relayed message, µs (all workers)", lambda v: f1(v["peersig_us"]))
     row("HAProxy CPU per relayed message, µs",

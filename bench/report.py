@@ -89,8 +89,11 @@ def render(res: dict, raw_path: Path | None = None) -> str:
       "each scenario against a fresh server process. Ratios are peersig / reference; the "
       "targets are the ones issue 4 sets.")
     w("")
-    w(f"- **Date:** {res['started']} (UTC); the whole run took "
-      f"{res.get('total_seconds', 0) / 60:.1f} min.")
+    w(f"- **Date:** {res['started']} (UTC); "
+      + ("the runs took " if res.get("commands") and len(res["commands"]) > 1
+         else "the whole run took ")
+      + f"{res.get('total_seconds', 0) / 60:.1f} min (most of it waiting for a quiet "
+      "machine, see below).")
     cmds = res.get("commands") or [res["command"]]
     if len(cmds) == 1:
         w(f"- **Command:** `{cmds[0]}` (from the repository root).")
@@ -100,7 +103,11 @@ def render(res: dict, raw_path: Path | None = None) -> str:
           + "; then ".join(f"`{c}`" for c in cmds) + ".")
     w(f"- **Machine:** {m['cpu']}, {m['cores']} vCPUs, {m['memory']}, {m['os']}, "
       f"Linux {m['kernel']} (a Firecracker VM).")
-    w(f"- **Versions:** peersig {m['peersig']} (git {m['git']}), Python {m['python']}, "
+    many = len({r.get("peersig_git") for per in runs.values() for k, r in per.items()
+                if k == "peersig" and r.get("peersig_git")}) > 1
+    w(f"- **Versions:** peersig {m['peersig']} "
+      + ("(at the revisions listed under the table)" if many else f"(git {m['git']})")
+      + f", Python {m['python']}, "
       f"Twisted {m['twisted']}, Autobahn {m['autobahn']}; reference: npm `peer` {m['peer']} "
       f"on Node {m['node']} with `ws` {m['ws_in_reference']} (no `bufferutil`); "
       f"generator: `bench/loadgen.py` on uvloop {m['uvloop']}, {a['workers']} process(es).")
@@ -229,10 +236,14 @@ def render(res: dict, raw_path: Path | None = None) -> str:
     revs = sorted({r.get("peersig_git") for per in runs.values()
                    for k, r in per.items() if k == "peersig" and r.get("peersig_git")})
     if len(revs) > 1:
+        inferred = any("(HEAD when" in r for r in revs)
         w("peersig changed while this suite ran (others were committing); the peersig "
           "revision of each scenario: " + ", ".join(
-              f"{sc} {per['peersig']['peersig_git']}" for sc, per in runs.items()
-              if per.get("peersig", {}).get("peersig_git")) + ".")
+              f"{sc} {per['peersig']['peersig_git'].split(' (HEAD when')[0]}"
+              + ("*" if "(HEAD when" in per["peersig"]["peersig_git"] else "")
+              for sc, per in runs.items() if per.get("peersig", {}).get("peersig_git"))
+          + "." + (" (* HEAD when the scenario started, read from commit times.)"
+                   if inferred else ""))
         w("")
     if loads:
         w(f"The benchmark's processes (servers, generator) ran at nice {a.get('nice', 0)}. "
@@ -303,6 +314,17 @@ def problems_section(res: dict) -> str:
                 notes.append(f"WebSocket protocol errors: {gs['proto_errors']}")
             if r.get("unanswered"):
                 notes.append(f"round trips unanswered at the end: {r['unanswered']}")
+            mt = r.get("metrics") or {}
+            timeouts = mt.get('peersig_disconnections_total{reason="timeout"}', 0)
+            if timeouts and sc != "idle":  # in idle, the silent peer is meant to time out
+                notes.append(f"peersig's liveness sweep dropped {timeouts:.0f} peers "
+                             "(disconnections reason=timeout)")
+            rejected = {k.split('"')[1]: v for k, v in mt.items()
+                        if k.startswith("peersig_connections_total{") and v
+                        and 'outcome="opened"' not in k}
+            if rejected:
+                notes.append("peersig rejected joins: " + ", ".join(
+                    f"{k} ×{v:.0f}" for k, v in rejected.items()))
             srv = r.get("server", {})
             if srv.get("log_problems"):
                 notes.append(f"{srv['log_problems']} error lines in the server log, e.g. `"
@@ -386,7 +408,7 @@ def generator_section(res: dict) -> str:
              "The generator must not be the bottleneck: on this 2-vCPU machine it has one CPU "
              "for itself while the server has the other. Candidates, each driving the relay "
              f"scenario against the {res['args']['compare_server']} server for "
-             f"{res['args']['compare_seconds']:g} s (same run):", "",
+             f"{res['args']['compare_seconds']:g} s, one after the other:", "",
              "| generator | its CPU per relayed message, µs (user + sys) | its CPU, % of "
              "one core | relayed msg/s | server CPU, % | other processes' CPU, % |",
              "|---|---:|---:|---:|---:|---:|"]
@@ -436,9 +458,23 @@ def profile_section(res: dict) -> str:
     return "\n".join(lines)
 
 
+HAPROXY_DOC = ROOT / "docs" / "benchmarks-haproxy.md"
+
+
+def haproxy_section() -> str:
+    """bench/haproxy.py's own report (issue 7), one heading level down, so that
+    docs/benchmarks.md holds every figure."""
+    if not HAPROXY_DOC.exists():
+        return ""
+    lines = HAPROXY_DOC.read_text().splitlines()
+    out = ["", "<!-- from docs/benchmarks-haproxy.md, written by python bench/haproxy.py -->"]
+    out += ["#" + line if line.startswith("#") else line for line in lines]
+    return "\n".join(out)
+
+
 def write_report(res: dict, path: Path, raw_path: Path | None = None) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(render(res, raw_path) + "\n")
+    path.write_text(render(res, raw_path) + "\n" + haproxy_section() + "\n")
 
 
 def merge(results: list[dict]) -> dict:

@@ -170,6 +170,8 @@ def other_pct(a: dict, b: dict) -> float:
 async def wait_quiet(args) -> float:
     """Wait (bounded) until processes outside the benchmark use less than
     ``--quiet-threshold`` % of a CPU over one second; returns the seconds waited."""
+    if args.quiet_max_wait <= 0:
+        return 0.0
     t0 = time.monotonic()
     while True:
         a = cpu_times()
@@ -1090,7 +1092,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="before each scenario, wait until other processes use less than "
                          "this %% of a CPU")
     ap.add_argument("--quiet-max-wait", type=float, default=None,
-                    help="longest wait for a quiet machine, s (default 45, quick 3)")
+                    help="longest wait for a quiet machine, s (default 45, quick 0)")
     ap.add_argument("--max-interference", type=float, default=25.0,
                     help="measure a scenario again if other processes used more than this "
                          "%% of a CPU during its window")
@@ -1115,7 +1117,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if getattr(a, k) is None:
             setattr(a, k, v)
     if a.quiet_max_wait is None:
-        a.quiet_max_wait = 3 if q else 45
+        a.quiet_max_wait = 0 if q else 45
     if a.retries is None:
         a.retries = 0 if q else 2
     a.warmup = 2 if q else 3
@@ -1123,7 +1125,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a.hold = 1 if q else 6
     a.idle_settle = 1 if q else 6
     a.silent_wait = 5.5 if q else 65
-    full = not q and a.servers == ",".join(SERVERS) and a.scenarios == ",".join(SCENARIOS)
+    full = (not q and not a.profile_only and not a.compare_only
+            and a.servers == ",".join(SERVERS) and a.scenarios == ",".join(SCENARIOS))
     if a.profile is None:
         a.profile = full
     if a.compare_generators is None:
