@@ -458,23 +458,36 @@ def profile_section(res: dict) -> str:
     return "\n".join(lines)
 
 
-HAPROXY_DOC = ROOT / "docs" / "benchmarks-haproxy.md"
+# Reports of the other benchmark commands, one heading level down, so that
+# docs/benchmarks.md holds every figure: (file, command that writes it).
+APPENDICES = (
+    (ROOT / "docs" / "benchmarks-haproxy.md", "python bench/haproxy.py"),
+    (ROOT / "docs" / "benchmarks-soak.md", "python -m bench.soak"),
+)
+APPENDIX_MARK = "<!-- from docs/benchmarks-"
 
 
-def haproxy_section() -> str:
-    """bench/haproxy.py's own report (issue 7), one heading level down, so that
-    docs/benchmarks.md holds every figure."""
-    if not HAPROXY_DOC.exists():
-        return ""
-    lines = HAPROXY_DOC.read_text().splitlines()
-    out = ["", "<!-- from docs/benchmarks-haproxy.md, written by python bench/haproxy.py -->"]
-    out += ["#" + line if line.startswith("#") else line for line in lines]
+def appendices() -> str:
+    out: list[str] = []
+    for doc, command in APPENDICES:
+        if not doc.exists():
+            continue
+        out += ["", f"{APPENDIX_MARK}{doc.name[len('benchmarks-'):]}, written by {command} -->"]
+        out += ["#" + line if line.startswith("#") else line
+                for line in doc.read_text().splitlines()]
     return "\n".join(out)
 
 
 def write_report(res: dict, path: Path, raw_path: Path | None = None) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(render(res, raw_path) + "\n" + haproxy_section() + "\n")
+    path.write_text(render(res, raw_path) + "\n" + appendices() + "\n")
+
+
+def refresh_appendices(path: Path = ROOT / "docs" / "benchmarks.md") -> None:
+    """Replace the appended reports in an already written docs/benchmarks.md."""
+    text = path.read_text() if path.exists() else ""
+    head = text.split("\n" + APPENDIX_MARK, 1)[0].rstrip("\n")
+    path.write_text(head + "\n\n" + appendices() + "\n")
 
 
 def merge(results: list[dict]) -> dict:
