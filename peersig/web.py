@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any
+from typing import Any, cast
 
 from autobahn.twisted.resource import WebSocketResource
-from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.interfaces import IConsumer, IDelayedCall
 from twisted.internet.protocol import connectionDone
 from twisted.python.failure import Failure
 from twisted.web.http import HTTPChannel
@@ -42,7 +42,7 @@ class Root(Resource):
     def render(self, request: Request) -> Any:
         raw = request.path.decode("utf-8", "replace")
         if raw == self.path + "peerjs":
-            return self.websocket.render(request)
+            return self._upgrade(request)
         self._cors(request)
         if request.method == b"OPTIONS":
             request.setResponseCode(204)
@@ -72,6 +72,19 @@ class Root(Resource):
         request.setResponseCode(404)
         request.setHeader(b"content-type", b"text/plain; charset=utf-8")
         return b"Not found"
+
+    def _upgrade(self, request: Request) -> Any:
+        channel = request.channel
+        transport = channel.transport
+        result = self.websocket.render(request)
+        if channel.transport is None and transport is not None:
+            # Autobahn took the socket. What still ties the HTTP side to it (the channel
+            # registered as the socket's producer, the request in the channel's queue) would
+            # keep the channel, the request and its headers alive as long as the peer stays:
+            # some 4 KB a peer for nothing. Let them go now.
+            cast(IConsumer, transport).unregisterProducer()
+            channel.requests.clear()
+        return result
 
     def _cors(self, request: Request) -> None:
         raw_origin = request.getHeader(b"origin")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import weakref
 
 import pytest
 from twisted.internet.address import IPv4Address
@@ -11,6 +12,7 @@ from twisted.internet.testing import StringTransport
 
 from peersig.config import Config
 from peersig.rooms import Hub
+from peersig.service import make_site
 from peersig.websocket import PeerProtocol, make_factory
 
 from .fakes import World
@@ -211,3 +213,24 @@ def test_protocol_options_live_on_the_class_not_each_connection(world: World) ->
     a = Peer(world, "alice")
     assert "maxMessagePayloadSize" not in vars(a.proto)
     assert a.proto.maxMessagePayloadSize == world.hub.config.max_message_size
+
+
+def test_the_http_side_is_let_go_after_the_upgrade(world: World) -> None:
+    # Once Autobahn owns the socket, nothing may keep the HTTP channel, its request and
+    # their headers alive for as long as the peer stays connected.
+    site = make_site(world.hub, make_factory(world.hub))
+    address = IPv4Address("TCP", "127.0.0.1", 5000)
+    transport = StringTransport(peerAddress=address)
+    channel = site.buildProtocol(address)
+    assert channel is not None
+    channel.callLater = world.clock.callLater
+    channel.makeConnection(transport)
+    transport.protocol = channel  # as a real TCP transport has it
+    assert transport.producer is channel
+    channel.dataReceived(handshake(query="key=peerjs&id=alice&token=room1"))
+    assert transport.value().startswith(b"HTTP/1.1 101")
+    assert "alice" in world.hub.rooms["room1"].peers
+    assert transport.producer is None
+    gone = weakref.ref(channel)
+    del channel
+    assert gone() is None  # freed at once, not left for the cycle collector
