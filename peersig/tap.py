@@ -212,6 +212,8 @@ def env_name(option: str) -> str:
 def makeService(options: Options) -> IService:
     from twisted.internet import reactor
 
+    from .reactor import lighten
     from .service import make_service
 
+    lighten(reactor)
     return make_service(options.built, options["port"], reactor)  # type: ignore[arg-type,unused-ignore]
