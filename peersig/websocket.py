@@ -8,6 +8,7 @@ from __future__ import annotations
 from time import perf_counter
 from typing import Any
 
+import autobahn.util
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
 from twisted.internet.protocol import connectionDone
@@ -21,6 +22,11 @@ from .session import Session
 from .stats import TIMING_SAMPLE
 
 log = Logger()
+
+# Autobahn builds the arguments of its debug log calls even with debug off, and colours
+# them with ANSI escapes through click whenever click happens to be importable: 16 calls
+# and some 40 µs per connection, and escape codes in any line that is written. Plain text.
+autobahn.util._HAS_CLICK = False
 
 
 def client_address(peer_host: str, headers: dict[str, str], trusted_proxies: int) -> str:
