@@ -122,6 +122,13 @@ class PeerProtocol(WebSocketServerProtocol):
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.factory.open_connections.discard(self)
         super().connectionLost(reason)
+        # The session and this protocol point at each other, and so does Autobahn's
+        # is_closed, resolved with this protocol. Unlinked, they are freed now, by
+        # reference counting, instead of piling up as garbage for the cycle collector's
+        # rare full passes (under churn, more dead peers than live ones).
+        self.session = None
+        if self.is_closed.called:
+            self.is_closed.result = None
 
     def onConnect(self, request: ConnectionRequest) -> None:
         cfg = self.hub.config

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import weakref
 
 import pytest
 from twisted.internet.address import IPv4Address
+from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
 
 from peersig.config import Config
 from peersig.rooms import Hub
@@ -234,3 +237,18 @@ def test_the_http_side_is_let_go_after_the_upgrade(world: World) -> None:
     gone = weakref.ref(channel)
     del channel
     assert gone() is None  # freed at once, not left for the cycle collector
+
+
+def test_a_departed_peer_is_freed_without_the_cycle_collector(world: World) -> None:
+    # Under churn, peers left for the collector's full passes outnumbered the live ones.
+    alice = Peer(world, "alice")
+    proto = alice.proto
+    gone = weakref.ref(proto)  # its session holds it too: freed, both are
+    gc.disable()
+    try:
+        proto.connectionLost(Failure(ConnectionDone()))
+        assert "room1" not in world.hub.rooms
+        del proto, alice
+        assert gone() is None
+    finally:
+        gc.enable()
