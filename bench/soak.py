@@ -520,10 +520,27 @@ async def scenario_flooder(args) -> dict:
         c.send(text_frame({"type": "ANSWER", "dst": answers[c],
                            "payload": {"seq": seq, "sdp": SDP_TEXT}}))
 
+    # For the raw results: when round trips were slow, when this client's own loop stalled
+    # (a late timer), and when the flooder came and went, in seconds from the start.
+    T0 = time.perf_counter()
+    slow: list[tuple[float, float]] = []
+    stalls: list[tuple[float, float]] = []
+
     def got_answer(_c: Client, payload: bytes) -> None:
         t = sent_at.pop(json.loads(payload)["payload"]["seq"], None)
         if t is not None:
-            rtts.append(time.perf_counter() - t)
+            now = time.perf_counter()
+            rtts.append(now - t)
+            if now - t > 0.005:
+                slow.append((round(t - T0, 3), round((now - t) * 1000, 1)))
+
+    async def watch_loop() -> None:
+        while True:
+            t = time.perf_counter()
+            await asyncio.sleep(0.001)
+            late = time.perf_counter() - t - 0.001
+            if late > 0.004:
+                stalls.append((round(t - T0, 3), round(late * 1000, 1)))
 
     seq = 0
 
@@ -548,6 +565,7 @@ async def scenario_flooder(args) -> dict:
         await asyncio.sleep(0.5)  # the last answers
 
     flood_log: list[dict] = []
+    windows: list[tuple[float, bool]] = []
     stop = asyncio.Event()
 
     async def flooder() -> None:
@@ -567,6 +585,7 @@ async def scenario_flooder(args) -> dict:
                     fsent += 1
                 await asyncio.sleep(0.005)
             flood_log.append({"sent": fsent, "open_seconds": round(time.perf_counter() - t1, 2),
+                              "at": round(t1 - T0, 3),
                               "close_code": f.close_code, "cut": f.lost.done()})
             f.close()
             sink.close()
@@ -577,6 +596,7 @@ async def scenario_flooder(args) -> dict:
         cpu0 = cpu_total(srv)
         m0 = await srv.metrics()
         t0 = time.perf_counter()
+        windows.append((round(t0 - T0, 3), flood))
         if flood:
             stop.clear()
             task = asyncio.ensure_future(flooder())
@@ -606,8 +626,11 @@ async def scenario_flooder(args) -> dict:
             b = await open_peer(srv.port, f"b{p}", f"pair{p}", echo)
             answers[b] = f"a{p}"
             pairs.append((p, a))
+        watcher = asyncio.ensure_future(watch_loop())
         await ping_pong(pairs, 2.0)  # warm-up
         rtts.clear()
+        slow.clear()
+        stalls.clear()
         # Alternate quiet and flooded windows, so that the machine's own hiccups (this VM
         # shows 5-10 ms scheduling stalls) fall on both alike.
         quiet, flooded = [], []
@@ -616,6 +639,10 @@ async def scenario_flooder(args) -> dict:
             flooded.append(await window(pairs, True))
         out["baseline"] = pooled(quiet)
         out["flood"] = pooled(flooded)
+        out["windows_at"] = windows
+        out["slow_round_trips"] = slow[:500]
+        out["client_loop_stalls"] = stalls[:500]
+        watcher.cancel()
         out["flooder_connections"] = flood_log
         cut = [e for e in flood_log if e["cut"]]
         out["flooder_cut"] = len(cut)
@@ -647,6 +674,17 @@ def _rtt_figures(rtts: list[float]) -> dict:
 
 def _kib(v) -> str:
     return f"{v / 1024:.1f} MiB" if isinstance(v, (int, float)) else "–"
+
+
+def _stalls(r: dict, flooded: bool) -> int:
+    f = r.get("flooder", {})
+    starts = f.get("windows_at", [])
+    n = 0
+    for t, _late in f.get("client_loop_stalls", []):
+        inside = [w for w in starts if w[0] <= t]
+        if inside and inside[-1][1] == flooded and t < inside[-1][0] + f["window_seconds"] + 0.5:
+            n += 1
+    return n
 
 
 def _p99s(fig: dict) -> str:
@@ -740,7 +778,11 @@ def render(res: dict) -> str:
         "still flooding after the 5 s grace). Windows alternate quiet / flooded; p99 per window, "
         f"quiet: {_p99s(quiet)} ms; flooded: {_p99s(flooded)} ms; frames dropped by the rate "
         f"limit: {flooded.get('rate_limited_frames')}; server CPU "
-        f"{quiet.get('server_cpu_pct')}% quiet, {flooded.get('server_cpu_pct')}% flooded.",
+        f"{quiet.get('server_cpu_pct')}% quiet, {flooded.get('server_cpu_pct')}% flooded. "
+        "This VM stalls now and then (5-20 ms, on either CPU, with or without load): the "
+        f"client's own event loop was late by more than 4 ms {_stalls(r, False)} times in the "
+        f"quiet windows and {_stalls(r, True)} times in the flooded ones, and the slow round "
+        "trips fall on those stalls (times in the raw results).",
         "",
         f"Raw results (git-ignored): `{res.get('raw', '')}`.",
     ]
@@ -764,7 +806,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--pairs", type=int, default=50)
     ap.add_argument("--pair-rate", type=float, default=5.0, help="round trips/s per pair")
     ap.add_argument("--flood-seconds", type=float, default=10.0, help="length of each window")
-    ap.add_argument("--flood-rounds", type=int, default=3,
+    ap.add_argument("--flood-rounds", type=int, default=5,
                     help="pairs of windows (quiet, flooded), pooled")
     ap.add_argument("--server-cpu", type=int, default=0)
     ap.add_argument("--no-doc", action="store_true")
