@@ -4,8 +4,10 @@ Twisted's ``EPollReactor.doPoll`` wraps every ready descriptor's ``doRead``/``do
 ``log.callWithLogger``, which copies a context dict and pushes it on a stack so that log
 lines written during the call name the connection. Peersig logs nothing per frame, so that
 wrapper is pure cost on its hottest path (every frame in, every pong); ``LeanEPollReactor``
-calls the same ``_doReadOrWrite`` directly. Errors are handled exactly as before: logged by
-``_doReadOrWrite`` and the connection dropped; their log line names no connection.
+calls the same ``_doReadOrWrite`` directly, and keeps the wrapper's other duty: an error
+that escapes it (from a ``connectionLost``) is logged, naming the connection, and the other
+ready descriptors are still served. An error inside ``doRead``/``doWrite`` is logged by
+``_doReadOrWrite`` as before, without the connection's name.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import errno
 from typing import Any
 
 from twisted.internet.epollreactor import EPollReactor
+from twisted.python import log
 
 
 class LeanEPollReactor(EPollReactor):
@@ -29,9 +32,21 @@ class LeanEPollReactor(EPollReactor):
         for fd, event in events:
             selectable = selectables.get(fd)
             if selectable is not None:
-                handle(selectable, fd, event)
+                try:
+                    handle(selectable, fd, event)
+                except KeyboardInterrupt:
+                    raise
+                except BaseException:
+                    log.err(system=_prefix(selectable))
 
     doIteration = doPoll
+
+
+def _prefix(selectable: Any) -> str:
+    try:
+        return str(selectable.logPrefix())
+    except Exception:
+        return "(buggy logPrefix method)"
 
 
 def lighten(reactor: Any) -> bool:

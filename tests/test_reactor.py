@@ -7,6 +7,7 @@ import socket
 import pytest
 from twisted.internet.epollreactor import EPollReactor
 from twisted.internet.task import Clock
+from twisted.logger import globalLogPublisher
 
 from peersig.reactor import LeanEPollReactor, lighten
 
@@ -65,3 +66,33 @@ def test_reads_are_dispatched_and_a_failing_reader_is_dropped(fail: bool) -> Non
         reactor._poller.close()
         a.close()
         b.close()
+
+
+def test_an_error_from_connection_lost_is_logged_and_the_others_served() -> None:
+    class BadLoser(Reader):
+        def connectionLost(self, reason: object) -> None:
+            super().connectionLost(reason)
+            raise RuntimeError("connectionLost failed")
+
+    reactor = EPollReactor()
+    lighten(reactor)
+    errors: list[dict[str, object]] = []
+    observer = errors.append
+    globalLogPublisher.addObserver(observer)
+    pairs = [socket.socketpair() for _ in range(2)]
+    bad, good = BadLoser(pairs[0][0], fail=True), Reader(pairs[1][0])
+    try:
+        reactor.addReader(bad)  # type: ignore[arg-type]
+        reactor.addReader(good)  # type: ignore[arg-type]
+        for _, far in pairs:
+            far.send(b"x")
+        reactor.doIteration(1.0)
+        assert good.read == [b"x"] and bad.lost
+        assert any(e.get("isError") and e.get("system") == "Reader" for e in errors)
+    finally:
+        globalLogPublisher.removeObserver(observer)
+        reactor.removeAll()
+        reactor._poller.close()
+        for a, b in pairs:
+            a.close()
+            b.close()
