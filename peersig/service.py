@@ -103,6 +103,8 @@ class PeersigService(MultiService):
 
 def make_site(hub: Hub, factory: PeerFactory) -> QuietSite:
     site = QuietSite(Root(hub, WebSocketResource(factory)))
+    site.websocket = factory
+    site.upgrade_prefix = b"GET " + hub.config.path.encode() + b"peerjs?"
     # A client that opens TCP and sends nothing, or half a request, is cut this soon.
     site.timeOut = hub.config.handshake_timeout
     return site

@@ -13,6 +13,7 @@ from typing import Any, cast
 from autobahn.twisted.resource import WebSocketResource
 from twisted.internet.interfaces import IConsumer, IDelayedCall
 from twisted.internet.protocol import connectionDone
+from twisted.protocols.policies import ProtocolWrapper
 from twisted.python.failure import Failure
 from twisted.web.http import HTTPChannel
 from twisted.web.resource import Resource
@@ -21,6 +22,7 @@ from twisted.web.server import Request, Site
 from . import __version__
 from .metrics import CONTENT_TYPE, make_registry, render, summary
 from .rooms import Hub
+from .websocket import PeerFactory, PeerProtocol
 
 BANNER = {
     "name": "peersig",
@@ -132,14 +134,62 @@ def _json(request: Request, value: object) -> bytes:
 
 class GuardedChannel(HTTPChannel):
     """An HTTP connection that must deliver a whole request head within the site's
-    ``timeOut``: idle timeouts alone let a client trickle one byte at a time forever."""
+    ``timeOut``: idle timeouts alone let a client trickle one byte at a time forever.
 
+    A connection that opens with ``GET {path}peerjs?`` is a PeerJS client's upgrade: it is
+    handed to Autobahn as it arrives, so the request is parsed once, by Autobahn, instead of
+    by Twisted's HTTP parser first and then again by Autobahn from a copy. Anything else
+    (and any later request on the connection) is plain HTTP for ``Root``.
+    """
+
+    site: QuietSite
     _deadline: IDelayedCall | None = None
     _got_head = False
+    _sniffing = True
+    _start = b""
 
     def connectionMade(self) -> None:
         super().connectionMade()
         self._deadline = self.callLater(self.timeOut, self._deadline_passed)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._sniffing:
+            data = self._start + data
+            prefix = self.site.upgrade_prefix
+            if len(data) < len(prefix) and prefix.startswith(data):
+                self._start = data  # not enough to tell yet
+                return
+            self._sniffing = False
+            self._start = b""
+            if data.startswith(prefix) and self.site.websocket is not None:
+                self._hand_over(self.site.websocket, data)
+                return
+        super().dataReceived(data)
+
+    def _hand_over(self, factory: PeerFactory, data: bytes) -> None:
+        transport = self.transport
+        assert transport is not None
+        protocol = cast(PeerProtocol, factory.buildProtocol(transport.getPeer()))
+        # What is left of the handshake deadline goes with the connection (Autobahn rounds
+        # its timers down to whole seconds: the cut may come early, never late).
+        deadline, self._deadline = self._deadline, None
+        if deadline is not None and deadline.active():
+            deadline.cancel()
+            protocol.openHandshakeTimeout = max(
+                deadline.getTime() - protocol.hub.clock.seconds(), 0.001)
+        self.setTimeout(None)
+        cast(IConsumer, transport).unregisterProducer()
+        self.transport = None
+        # As Autobahn's WebSocketResource does it: under TLS the socket's protocol is the
+        # TLS layer, which delivers to a wrapped protocol.
+        if isinstance(transport, ProtocolWrapper):
+            transport.wrappedProtocol = protocol
+        elif isinstance(getattr(transport, "protocol", None), ProtocolWrapper):
+            transport.protocol.wrappedProtocol = protocol  # type: ignore[attr-defined]
+        else:
+            transport.protocol = protocol  # type: ignore[attr-defined]
+        protocol.makeConnection(transport)
+        protocol.dataReceived(data)
 
     def allHeadersReceived(self) -> None:
         self._got_head = True
@@ -167,6 +217,9 @@ class QuietSite(Site):
     """No access log: upgrade URLs carry tokens, and per-request lines cost CPU."""
 
     protocol = GuardedChannel  # type: ignore[assignment]
+    # Set by make_site: PeerJS upgrades go straight to this factory (see GuardedChannel).
+    websocket: PeerFactory | None = None
+    upgrade_prefix = b"GET /peerjs?"
 
     def log(self, request: Any) -> None:
         pass

@@ -77,6 +77,9 @@ def _first(params: dict[str, list[str]], name: str) -> str:
     return values[0] if values else ""
 
 
+# The largest upgrade request head accepted, as Twisted's HTTP parser has it.
+MAX_HEAD = 16384
+
 _HANDSHAKE_LEFTOVERS = (
     "http_headers", "http_request_data", "http_request_params", "http_response_data",
     "http_status_line", "http_request_uri", "http_request_path", "http_request_host",
@@ -112,6 +115,7 @@ class PeerProtocol(WebSocketServerProtocol):
     session: Session | None = None
     join_request: JoinRequest | None = None
     send_queue: Any
+    openHandshakeTimeout: float
 
     # -- Autobahn callbacks ----------------------------------------------------------------
 
@@ -158,6 +162,7 @@ class PeerProtocol(WebSocketServerProtocol):
         # empty deque costs 760. Then the attribute dict is rebuilt at its new size, as a
         # dict never shrinks by itself: 37 entries fit in 832 bytes, 46 took 1584.
         attrs = self.__dict__
+        attrs.pop("openHandshakeTimeout", None)  # the class's, unless the channel set one
         for name in _HANDSHAKE_LEFTOVERS:
             attrs.pop(name, None)
         for name in _NONE_WHILE_OPEN:
@@ -182,6 +187,10 @@ class PeerProtocol(WebSocketServerProtocol):
         """
         if (self.session is None or self.state != self.STATE_OPEN or self.data
                 or self.current_frame is not None or self.inside_message):
+            if self.state == self.STATE_CONNECTING and len(self.data) + len(data) > MAX_HEAD:
+                # Autobahn would buffer a request head without end.
+                self.dropConnection(abort=True)
+                return
             super().dataReceived(data)
             return
         end = len(data)

@@ -142,6 +142,20 @@ def test_trickled_request_is_cut(quick_handshakes: ServerProcess) -> None:
     assert cut_after(quick_handshakes, trickle, interval=0.1) < 2.5
 
 
+def test_an_upgrade_gets_only_what_is_left_of_the_deadline(tmp_path: Path) -> None:
+    # The channel hands a PeerJS upgrade to Autobahn as soon as it sees "GET /peerjs?":
+    # a client that took most of the deadline to get there must not start a new one.
+    # (Autobahn rounds its timers down to whole seconds: a fresh 4 s deadline from 3.4 s
+    # would cut at 6.4-7.4 s.)
+    proc = ServerProcess(tmp_path, ["--handshake-timeout", "4"])
+    proc.start()
+    try:
+        slow = [bytes([c]) for c in b"GET /peerjs?"] + [b"k"] * 40
+        assert cut_after(proc, slow, interval=0.28) < 5.0  # cut by 4.0
+    finally:
+        proc.stop()
+
+
 def test_completed_upgrade_outlives_the_handshake_timeout(
         quick_handshakes: ServerProcess) -> None:
     with connect(quick_handshakes.ws_url("steady")) as ws:

@@ -6,6 +6,7 @@ import gc
 import json
 import os
 import weakref
+from typing import Any
 
 import pytest
 from twisted.internet.address import IPv4Address
@@ -218,25 +219,70 @@ def test_protocol_options_live_on_the_class_not_each_connection(world: World) ->
     assert a.proto.maxMessagePayloadSize == world.hub.config.max_message_size
 
 
-def test_the_http_side_is_let_go_after_the_upgrade(world: World) -> None:
-    # Once Autobahn owns the socket, nothing may keep the HTTP channel, its request and
-    # their headers alive for as long as the peer stays connected.
+class TCPLikeTransport(StringTransport):
+    """As Twisted's TCP (and TLS) transports: unregistering no producer is no error."""
+
+    def unregisterProducer(self) -> None:
+        self.producer = None
+        self.streaming = None
+
+
+def http_connection(world: World) -> tuple[Any, StringTransport]:
+    """An HTTP channel of the real site on a transport, as a TCP connection has it."""
     site = make_site(world.hub, make_factory(world.hub))
     address = IPv4Address("TCP", "127.0.0.1", 5000)
-    transport = StringTransport(peerAddress=address)
+    transport = TCPLikeTransport(peerAddress=address)
     channel = site.buildProtocol(address)
     assert channel is not None
     channel.callLater = world.clock.callLater
     channel.makeConnection(transport)
-    transport.protocol = channel  # as a real TCP transport has it
+    transport.protocol = channel
+    return channel, transport
+
+
+@pytest.mark.parametrize("route", ["direct", "through_root"])
+def test_the_http_side_is_let_go_after_the_upgrade(world: World, route: str) -> None:
+    # Once Autobahn owns the socket, nothing may keep the HTTP channel, its request and
+    # their headers alive for as long as the peer stays connected. An upgrade that opens
+    # the connection goes to Autobahn directly; one the channel did not catch goes
+    # through Root and Autobahn's WebSocketResource.
+    channel, transport = http_connection(world)
     assert transport.producer is channel
+    if route == "through_root":
+        channel._sniffing = False
     channel.dataReceived(handshake(query="key=peerjs&id=alice&token=room1"))
     assert transport.value().startswith(b"HTTP/1.1 101")
     assert "alice" in world.hub.rooms["room1"].peers
     assert transport.producer is None
+    assert isinstance(transport.protocol, PeerProtocol)
     gone = weakref.ref(channel)
     del channel
     assert gone() is None  # freed at once, not left for the cycle collector
+
+
+def test_an_upgrade_trickled_byte_by_byte_still_opens(world: World) -> None:
+    _channel, transport = http_connection(world)
+    for byte in handshake(query="key=peerjs&id=bob&token=room1"):
+        transport.protocol.dataReceived(bytes([byte]))
+    assert transport.value().startswith(b"HTTP/1.1 101")
+    assert "bob" in world.hub.rooms["room1"].peers
+
+
+@pytest.mark.parametrize("path", [b"/peerjs/id", b"/peerjs", b"/health"])
+def test_other_requests_are_plain_http(world: World, path: bytes) -> None:
+    channel, transport = http_connection(world)
+    channel.dataReceived(b"GET " + path + b" HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert transport.value().startswith(b"HTTP/1.1 200")
+    # /peerjs without a query still goes to Autobahn, through Root, as before.
+    assert isinstance(transport.protocol, PeerProtocol) == (path == b"/peerjs")
+
+
+def test_an_endless_upgrade_head_is_cut(world: World) -> None:
+    channel, transport = http_connection(world)  # cut at MAX_HEAD, not when memory runs out
+    channel.dataReceived(b"GET /peerjs?key=peerjs&id=eve&token=r HTTP/1.1\r\n")
+    for _ in range(20):
+        transport.protocol.dataReceived(b"X-Padding: " + b"a" * 1000 + b"\r\n")
+    assert transport.disconnecting and not transport.value()
 
 
 def test_a_departed_peer_is_freed_without_the_cycle_collector(world: World) -> None:
