@@ -515,8 +515,12 @@ async def scenario_flooder(args) -> dict:
     answers: dict[Client, str] = {}
 
     def echo(c: Client, payload: bytes) -> None:
-        # The answering side of a pair sends the same seq back as an ANSWER.
-        seq = json.loads(payload)["payload"]["seq"]
+        # The answering side of a pair sends the same seq back as an ANSWER (and hears a
+        # LEAVE when the run ends).
+        msg = json.loads(payload)
+        if msg["type"] != "OFFER":
+            return
+        seq = msg["payload"]["seq"]
         c.send(text_frame({"type": "ANSWER", "dst": answers[c],
                            "payload": {"seq": seq, "sdp": SDP_TEXT}}))
 
@@ -527,7 +531,10 @@ async def scenario_flooder(args) -> dict:
     stalls: list[tuple[float, float]] = []
 
     def got_answer(_c: Client, payload: bytes) -> None:
-        t = sent_at.pop(json.loads(payload)["payload"]["seq"], None)
+        msg = json.loads(payload)
+        if msg["type"] != "ANSWER":
+            return
+        t = sent_at.pop(msg["payload"]["seq"], None)
         if t is not None:
             now = time.perf_counter()
             rtts.append(now - t)
