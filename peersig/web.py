@@ -132,6 +132,10 @@ def _json(request: Request, value: object) -> bytes:
     return json.dumps(value).encode()
 
 
+# How much of a request line starting like an upgrade is held before it must be complete.
+MAX_REQUEST_LINE = 8192
+
+
 class GuardedChannel(HTTPChannel):
     """An HTTP connection that must deliver a whole request head within the site's
     ``timeOut``: idle timeouts alone let a client trickle one byte at a time forever.
@@ -156,27 +160,34 @@ class GuardedChannel(HTTPChannel):
         if self._sniffing:
             data = self._start + data
             prefix = self.site.upgrade_prefix
-            if len(data) < len(prefix) and prefix.startswith(data):
-                self._start = data  # not enough to tell yet
-                return
+            line_end = data.find(b"\r\n")
+            if data.startswith(prefix) if len(data) >= len(prefix) else prefix.startswith(data):
+                if line_end < 0 and len(data) < MAX_REQUEST_LINE:
+                    self._start = data  # not enough to tell yet
+                    return
+                # Autobahn takes HTTP/1.1 only; anything else is Root's to answer.
+                if data[:line_end].endswith(b" HTTP/1.1") and self.site.websocket is not None:
+                    self._sniffing = False
+                    self._start = b""
+                    self._hand_over(self.site.websocket, data)
+                    return
             self._sniffing = False
             self._start = b""
-            if data.startswith(prefix) and self.site.websocket is not None:
-                self._hand_over(self.site.websocket, data)
-                return
         super().dataReceived(data)
 
     def _hand_over(self, factory: PeerFactory, data: bytes) -> None:
         transport = self.transport
         assert transport is not None
         protocol = cast(PeerProtocol, factory.buildProtocol(transport.getPeer()))
-        # What is left of the handshake deadline goes with the connection (Autobahn rounds
-        # its timers down to whole seconds: the cut may come early, never late).
+        # The handshake deadline goes with the connection, to the second: Autobahn's own
+        # timer would round it down to a whole second and could cut a client early.
         deadline, self._deadline = self._deadline, None
         if deadline is not None and deadline.active():
             deadline.cancel()
-            protocol.openHandshakeTimeout = max(
-                deadline.getTime() - protocol.hub.clock.seconds(), 0.001)
+            protocol.openHandshakeTimeout = 0
+            protocol.handshake_deadline = self.callLater(
+                max(deadline.getTime() - protocol.hub.clock.seconds(), 0.0),
+                protocol.handshake_expired)
         self.setTimeout(None)
         cast(IConsumer, transport).unregisterProducer()
         self.transport = None

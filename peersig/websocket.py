@@ -11,6 +11,7 @@ from typing import Any
 import autobahn.util
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
+from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.protocol import connectionDone
 from twisted.internet.tcp import Server
 from twisted.logger import Logger
@@ -77,8 +78,9 @@ def _first(params: dict[str, list[str]], name: str) -> str:
     return values[0] if values else ""
 
 
-# The largest upgrade request head accepted, as Twisted's HTTP parser has it.
-MAX_HEAD = 16384
+# The largest upgrade request head accepted: Twisted's HTTP parser takes 16 KiB of header
+# lines (not counting their line ends) besides the request line; this is a little more.
+MAX_HEAD = 20480
 
 _HANDSHAKE_LEFTOVERS = (
     "http_headers", "http_request_data", "http_request_params", "http_response_data",
@@ -116,6 +118,8 @@ class PeerProtocol(WebSocketServerProtocol):
     join_request: JoinRequest | None = None
     send_queue: Any
     openHandshakeTimeout: float
+    # Set by the HTTP channel that handed this connection over (web.GuardedChannel).
+    handshake_deadline: IDelayedCall | None = None
 
     # -- Autobahn callbacks ----------------------------------------------------------------
 
@@ -125,6 +129,7 @@ class PeerProtocol(WebSocketServerProtocol):
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.factory.open_connections.discard(self)
+        self._stop_handshake_deadline()
         super().connectionLost(reason)
         # The session and this protocol point at each other, and so does Autobahn's
         # is_closed, resolved with this protocol. Unlinked, they are freed now, by
@@ -161,6 +166,7 @@ class PeerProtocol(WebSocketServerProtocol):
         # stays empty (our frames are written at once): a list costs 56 bytes where an
         # empty deque costs 760. Then the attribute dict is rebuilt at its new size, as a
         # dict never shrinks by itself: 37 entries fit in 832 bytes, 46 took 1584.
+        self._stop_handshake_deadline()
         attrs = self.__dict__
         attrs.pop("openHandshakeTimeout", None)  # the class's, unless the channel set one
         for name in _HANDSHAKE_LEFTOVERS:
@@ -189,7 +195,8 @@ class PeerProtocol(WebSocketServerProtocol):
                 or self.current_frame is not None or self.inside_message):
             if self.state == self.STATE_CONNECTING and len(self.data) + len(data) > MAX_HEAD:
                 # Autobahn would buffer a request head without end.
-                self.dropConnection(abort=True)
+                self.data = b""
+                self.failHandshake("Request head too large")
                 return
             super().dataReceived(data)
             return
@@ -280,12 +287,28 @@ class PeerProtocol(WebSocketServerProtocol):
             write_now(self.transport, b"\x89\x00")
 
     def close_with(self, code: int, reason: str) -> None:
+        if self.state == self.STATE_CONNECTING:
+            # Still in its handshake (a drain can find it so): no close frame to send yet.
+            self.dropConnection(abort=True)
+            return
         # sendClose() admits only the application codes (1000, 3000-4999); a server may
         # send the protocol's own 1001/1003/1008/1011, so write the frame ourselves.
         self.sendCloseFrame(code, reason.encode()[:123], False)
 
     def abort_connection(self) -> None:
         self.dropConnection(abort=True)
+
+    # -- a handshake deadline to the second (Autobahn's timers round down to whole seconds)
+
+    def handshake_expired(self) -> None:
+        self.handshake_deadline = None
+        if self.state == self.STATE_CONNECTING:
+            self.dropConnection(abort=True)
+
+    def _stop_handshake_deadline(self) -> None:
+        call = self.__dict__.pop("handshake_deadline", None)
+        if call is not None and call.active():
+            call.cancel()
 
 
 # What onOpen drops from each connection reads as None from the class.

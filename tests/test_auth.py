@@ -145,13 +145,20 @@ def test_trickled_request_is_cut(quick_handshakes: ServerProcess) -> None:
 def test_an_upgrade_gets_only_what_is_left_of_the_deadline(tmp_path: Path) -> None:
     # The channel hands a PeerJS upgrade to Autobahn as soon as it sees "GET /peerjs?":
     # a client that took most of the deadline to get there must not start a new one.
-    # (Autobahn rounds its timers down to whole seconds: a fresh 4 s deadline from 3.4 s
-    # would cut at 6.4-7.4 s.)
+    # (A fresh 4 s deadline from 3.4 s would cut at 7.4 s.)
     proc = ServerProcess(tmp_path, ["--handshake-timeout", "4"])
     proc.start()
     try:
         slow = [bytes([c]) for c in b"GET /peerjs?"] + [b"k"] * 40
         assert cut_after(proc, slow, interval=0.28) < 5.0  # cut by 4.0
+        # And not before: a head begun at once and finished at 3.5 s opens.
+        with socket.create_connection(("127.0.0.1", proc.port), timeout=10) as s:
+            s.sendall(b"GET /peerjs?key=peerjs&id=late&token=r HTTP/1.1\r\n")
+            time.sleep(3.5)
+            s.sendall(b"Host: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                      b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                      b"Sec-WebSocket-Version: 13\r\n\r\n")
+            assert s.recv(12) == b"HTTP/1.1 101"
     finally:
         proc.stop()
 

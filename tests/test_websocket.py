@@ -277,12 +277,52 @@ def test_other_requests_are_plain_http(world: World, path: bytes) -> None:
     assert isinstance(transport.protocol, PeerProtocol) == (path == b"/peerjs")
 
 
-def test_an_endless_upgrade_head_is_cut(world: World) -> None:
+def test_an_endless_upgrade_head_is_refused(world: World) -> None:
     channel, transport = http_connection(world)  # cut at MAX_HEAD, not when memory runs out
     channel.dataReceived(b"GET /peerjs?key=peerjs&id=eve&token=r HTTP/1.1\r\n")
-    for _ in range(20):
+    for _ in range(25):
         transport.protocol.dataReceived(b"X-Padding: " + b"a" * 1000 + b"\r\n")
-    assert transport.disconnecting and not transport.value()
+    assert transport.value().startswith(b"HTTP/1.1 400") and transport.disconnecting
+
+
+def test_a_big_but_ordinary_head_still_opens(world: World) -> None:
+    _channel, transport = http_connection(world)
+    request = handshake(query="key=peerjs&id=carol&token=r").replace(
+        b"\r\n\r\n", b"\r\nCookie: " + b"c" * 15000 + b"\r\n\r\n")
+    transport.protocol.dataReceived(request)
+    assert transport.value().startswith(b"HTTP/1.1 101")
+
+
+def test_the_handshake_deadline_is_kept_to_the_second(world: World) -> None:
+    # The channel's deadline (5 s from accept) goes with the connection: a head finished
+    # just before it opens, one still unfinished just after it is cut.
+    head = handshake(query="key=peerjs&id=dave&token=r")
+    for finish_at, opens in ((4.9, True), (5.1, False)):
+        _channel, transport = http_connection(world)
+        world.clock.advance(0.9)
+        transport.protocol.dataReceived(head[:40])
+        world.clock.advance(finish_at - 0.9)
+        if not transport.disconnecting:
+            transport.protocol.dataReceived(head[40:])
+        assert transport.value().startswith(b"HTTP/1.1 101") == opens
+        assert transport.disconnecting != opens
+
+
+def test_a_drain_can_close_a_connection_still_in_its_handshake(world: World) -> None:
+    _channel, transport = http_connection(world)
+    transport.protocol.dataReceived(b"GET /peerjs?key=peerjs&id=x&token=r HTTP/1.1\r\n")
+    protocol = transport.protocol
+    assert isinstance(protocol, PeerProtocol) and protocol.state == protocol.STATE_CONNECTING
+    protocol.close_with(1001, "Server shutting down")
+    assert transport.disconnecting
+
+
+def test_an_http_1_0_upgrade_still_goes_through_root(world: World) -> None:
+    channel, transport = http_connection(world)
+    channel.dataReceived(
+        handshake(query="key=peerjs&id=old&token=r").replace(b"HTTP/1.1", b"HTTP/1.0", 1))
+    assert transport.value().startswith(b"HTTP/1.1 101")
+    assert "old" in world.hub.rooms["r"].peers
 
 
 def test_a_departed_peer_is_freed_without_the_cycle_collector(world: World) -> None:
