@@ -741,9 +741,10 @@ def render(res: dict) -> str:
         s = r["stalled"]
         per = ", ".join(f"{k} ≤ {v['max']} s" for k, v in s.get("cut_seconds", {}).items())
         lines.append(
-            f"| {s['sockets']} sockets stalled mid-handshake | all cut within the "
-            f"{s['handshake_timeout']:g} s handshake timeout | {s['sockets'] - s.get('not_cut', 0)}"
-            f" cut, slowest after {s.get('cut_max_seconds')} s ({per}); a real peer joined "
+            f"| {s['sockets']} sockets stalled mid-handshake | all cut at the "
+            f"{s['handshake_timeout']:g} s handshake timeout (≤ 1 s late for timers) | "
+            f"{s['sockets'] - s.get('not_cut', 0)} cut, slowest after "
+            f"{s.get('cut_max_seconds')} s ({per}); a real peer joined "
             f"meanwhile in {s.get('real_peer_join_ms')} ms; {s.get('server_fds_after')} fds "
             f"left | {report._check(s['ok'])} |")
     if "flooder" in r:
