@@ -264,19 +264,18 @@ class Server:
             fields = f.read().rsplit(")", 1)[1].split()
         return int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK
 
-    def rss_kib(self) -> int:
+    def _status_kib(self, field: str) -> int:
         with open(f"/proc/{self.pid}/status") as f:
             for line in f:
-                if line.startswith("VmRSS:"):
+                if line.startswith(field):
                     return int(line.split()[1])
         return 0
 
+    def rss_kib(self) -> int:
+        return self._status_kib("VmRSS:")
+
     def hwm_kib(self) -> int:
-        with open(f"/proc/{self.pid}/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1])
-        return 0
+        return self._status_kib("VmHWM:")
 
     async def metrics(self) -> dict[str, float]:
         if self.kind != "peersig":
