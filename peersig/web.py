@@ -161,7 +161,7 @@ class GuardedChannel(HTTPChannel):
             data = self._start + data
             prefix = self.site.upgrade_prefix
             line_end = data.find(b"\r\n")
-            if data.startswith(prefix) if len(data) >= len(prefix) else prefix.startswith(data):
+            if data[:len(prefix)] == prefix[:len(data)]:  # one begins the other
                 if line_end < 0 and len(data) < MAX_REQUEST_LINE:
                     self._start = data  # not enough to tell yet
                     return
