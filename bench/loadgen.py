@@ -717,6 +717,20 @@ class Worker:
         self.reply("silent", ok=True, dropped_after=dropped_after, waited=wait,
                    reason=p.close_reason)
 
+    async def cmd_vanish_peer(self, c: dict) -> None:
+        """A peer that joins and sends one HEARTBEAT, then nothing. Answers with its address,
+        so the orchestrator can cut its network (bench/vanish.py) and watch the server."""
+        room = c.get("room", 999998)
+        p = Peer(f"vanish{room}", room, f"room{room}")
+        p.silent = True
+        r = await open_peer(p, 15.0)
+        if r != "ok" or p.transport is None:
+            self.reply("vanish_peer", ok=False, reason=r)
+            return
+        p.transport.write(HEARTBEAT_FRAME)
+        address, port = p.transport.get_extra_info("sockname")[:2]
+        self.reply("vanish_peer", ok=True, address=address, port=port)
+
     async def cmd_churn(self, c: dict) -> None:
         """For ``duration`` s, ``rate`` times a second: a random joined peer leaves (a clean
         WebSocket close, or with ``abrupt_share`` a bare TCP close) and a newcomer with a

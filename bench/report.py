@@ -184,15 +184,27 @@ def render(res: dict, raw_path: Path | None = None) -> str:
         t.row("server RSS, MiB", "idle", "rss_kib", 1,
               fmt=lambda v: _num(v / 1024 if v else None, 1))
         t.row("WebSocket pings from the server per second", "idle", "pings_per_s", 0)
-        p = t.get("idle", "peersig", "silent_dropped_after_s")
-        r = t.get("idle", "reference", "silent_dropped_after_s")
+        t.row("softirq, all CPUs, % of one core (kernel: loopback packets, keepalive timers)",
+              "idle", "softirq_pct", 2)
         waited = t.get("idle", "reference", "silent_waited_s") or a.get("silent_wait")
 
-        def silent(v):
-            return f"{v:.1f}" if v is not None else f"> {waited:g} (not dropped)"
+        def after(key: str) -> tuple[float | None, float | None, str, str]:
+            p, r = (t.get("idle", k, key) for k in ("peersig", "reference"))
+            notes = {t.get("idle", k, "vanished_note") for k in ("peersig", "reference")}
+            note = next((n for n in notes if n), None)
 
-        t.raw("silent peer dropped after, s", silent(p), silent(r), "", "≤ 5 s",
-              (p is not None and p <= 5.0) if "peersig" in runs["idle"] else None)
+            def show(v: float | None) -> str:
+                if v is not None:
+                    return f"{v:.1f}"
+                return f"n/a ({note})" if note and key.startswith("vanished") else \
+                    f"> {waited:g} (not dropped)"
+            return p, r, show(p), show(r)
+
+        p, _, ps, rs = after("vanished_dropped_after_s")
+        t.raw("peer whose network vanished: dropped after, s (all its packets lost)", ps, rs,
+              "", "≤ 5 s", (p is not None and p <= 5.0) if "peersig" in runs["idle"] else None)
+        _, _, ps, rs = after("silent_dropped_after_s")
+        t.raw("peer silent with its TCP up (no heartbeat, no pong): dropped after, s", ps, rs)
         t.row("peers dropped that were heartbeating", "idle", "drops", 0)
         t.row("generator CPU, % of one core", "idle", "gen_cpu_pct", 1)
         t.row("generator event-loop lag, worst, ms", "idle", "gen.max_loop_lag_ms", 0)
@@ -388,10 +400,14 @@ def method_section(res: dict) -> str:
         f"written → ANSWER read. {a['warmup']:g} s warm-up, {a['latency_seconds']:g} s "
         "window.",
         f"- **idle:** {a['idle_peers']:,} peers connected, {a['idle_settle']:g} s settle, "
-        f"then a {a['idle_seconds']:g} s window with nothing but heartbeats (and, for "
-        "peersig, its WebSocket pings to peers idle for 2.5 s, which the generator "
-        "answers as a browser does). One extra peer goes silent at the start (no "
-        "heartbeats, no pongs) to time how long the server keeps it.",
+        f"then a {a['idle_seconds']:g} s window with nothing but heartbeats (and "
+        "whatever the server sends on its own: peersig pings a peer that misses a "
+        "heartbeat, which the generator answers as a browser does, and leaves the network "
+        "to the kernel's TCP keepalive). Two extra peers time how long the server keeps a "
+        "dead peer: one whose network vanishes after a HEARTBEAT (bench/vanish.py drops "
+        "all its packets with nftables; `ss` shows when the server's end of the connection "
+        "is no longer established), and one that goes silent but keeps its TCP connection "
+        "(no heartbeats, no pongs: a hung client).",
         f"- **churn:** {a['churn_peers']:,} peers connected; then for "
         f"{a['churn_seconds']:g} s, {a['churn_rate']:g} times a second a random peer leaves "
         "(90% with a WebSocket close, 10% with a bare TCP close) and a newcomer with a fresh "

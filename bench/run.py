@@ -37,6 +37,8 @@ import sys
 import time
 from pathlib import Path
 
+from bench import vanish
+
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 NODE_DIR = BENCH / ".node"
@@ -165,6 +167,33 @@ def other_pct(a: dict, b: dict) -> float:
     if secs <= 0:
         return 0.0
     return max(0.0, (busy - (b["own"] - a["own"])) / CLK_TCK / secs * 100)
+
+
+def softirq_pct(a: dict, b: dict) -> float:
+    """Softirq time on all CPUs during the window, in % of one CPU: loopback packets and
+    kernel timers (TCP keepalive probes among them) are charged there, to no process."""
+    secs = b["t"] - a["t"]
+    return (b["cpu"][6] - a["cpu"][6]) / CLK_TCK / secs * 100 if secs > 0 else 0.0
+
+
+async def watch_vanished(server_port: int, address: str, port: int, limit: float) -> dict:
+    """Cut the network of the peer at ``address``:``port`` (bench/vanish.py) and time how
+    long the server keeps its end of the connection established."""
+    why = vanish.unusable()
+    if why:
+        return {"vanished_dropped_after_s": None, "vanished_note": why}
+    query = f"( sport = :{server_port} and dst {address}:{port} )"
+    with vanish.Vanish(port):
+        t0 = time.monotonic()
+        while (elapsed := time.monotonic() - t0) < limit:
+            proc = await asyncio.create_subprocess_exec(
+                "ss", "-tnH", "state", "established", query,
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL)
+            out, _ = await proc.communicate()
+            if proc.returncode == 0 and not out.strip():
+                return {"vanished_dropped_after_s": time.monotonic() - t0}
+            await asyncio.sleep(0.05 if elapsed < 10 else 0.5)
+    return {"vanished_dropped_after_s": None, "vanished_waited_s": limit}
 
 
 async def wait_quiet(args) -> float:
@@ -664,7 +693,15 @@ async def scenario_latency(kind: str, args) -> dict:
 async def scenario_idle(kind: str, args) -> dict:
     async def body(srv: Server, fleet: Fleet) -> dict:
         c = await fleet.connect(args.idle_peers)
-        # A peer that goes silent (no heartbeats, no pongs): when does the server drop it?
+        # A peer whose network vanishes (every packet dropped), and one that goes silent
+        # but keeps its TCP connection (no heartbeats, no pongs): when does the server let
+        # go of each?
+        fleet.workers[0].send({"cmd": "vanish_peer"})
+        v = await fleet.workers[0].reply("vanish_peer", 30)
+        vanished = asyncio.ensure_future(
+            watch_vanished(srv.port, v["address"], v["port"], args.silent_wait) if v["ok"]
+            else asyncio.sleep(0, {"vanished_dropped_after_s": None,
+                                   "vanished_note": v.get("reason")}))
         fleet.workers[0].send({"cmd": "silent", "wait": args.silent_wait})
         await asyncio.sleep(args.idle_settle)
         m0 = await fleet.mark()
@@ -681,6 +718,8 @@ async def scenario_idle(kind: str, args) -> dict:
         silent = await fleet.workers[0].reply("silent", args.silent_wait + 30)
         secs = t1 - t0
         return {
+            **await vanished,
+            "softirq_pct": softirq_pct(st0, st1),
             "peers": c["ok"], "connect_failed": c["failed"], "seconds": secs,
             "server_cpu_pct": ((u1 - u0) + (s1 - s0)) / secs * 100,
             "server_user_pct": (u1 - u0) / secs * 100,
@@ -698,7 +737,7 @@ async def scenario_idle(kind: str, args) -> dict:
         }
 
     return await with_server(kind, "idle", args, peersig_caps("idle"), body,
-                             peers=args.idle_peers + 1)
+                             peers=args.idle_peers + 2)
 
 
 async def scenario_churn(kind: str, args) -> dict:

@@ -19,8 +19,9 @@ class Config:
     max_peers: int = 10000
     max_peers_per_ip: int = 64
     trusted_proxies: int = 0
-    ping_interval: float = 2.5
-    alive_timeout: float = 5.0
+    keepalive: int = 5
+    ping_interval: float = 7.0
+    alive_timeout: float = 10.0
     sweep_interval: float = 1.0
     max_message_size: int = 65536
     rate_limit: float = 100.0
@@ -45,7 +46,8 @@ class Config:
 
         The sweep runs every ``sweep_interval``, so it drops a peer that would pass
         ``alive_timeout`` before the next sweep: nobody stays silent longer than the timeout.
-        A healthy peer was pinged at ``ping_interval`` and has answered long before.
+        A healthy peer was pinged at ``ping_interval`` and has answered long before. A peer
+        whose network vanished is gone sooner, within ``keepalive``, through its kernel.
         """
         return self.alive_timeout - self.sweep_interval
 

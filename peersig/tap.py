@@ -30,6 +30,13 @@ def _positive_int(value: str) -> int:
     return number
 
 
+def _keepalive(value: str) -> int:
+    number = int(value)
+    if number != 0 and number < 3:
+        raise ValueError("must be 0 (off) or at least 3")
+    return number
+
+
 def _positive_float(value: str) -> float:
     number = float(value)
     if not number > 0:
@@ -61,9 +68,12 @@ class Options(usage.Options):
          _positive_int],
         ["trusted-proxies", None, 0,
          "Proxy hops whose X-Forwarded-For is trusted for the client address.", _positive_int],
-        ["ping-interval", None, 2.5, "Seconds of silence before a WebSocket ping.",
+        ["keepalive", None, 5,
+         "Seconds in which the kernel drops a peer whose network vanished (TCP keepalive "
+         "and user timeout); 0 = off, else at least 3.", _keepalive],
+        ["ping-interval", None, 7.0, "Seconds of silence before a WebSocket ping.",
          _positive_float],
-        ["alive-timeout", None, 5.0, "Seconds of silence before a peer is dropped.",
+        ["alive-timeout", None, 10.0, "Seconds of silence before a peer is dropped.",
          _positive_float],
         ["sweep-interval", None, 1.0, "Seconds between liveness and expiry sweeps.",
          _positive_float],
@@ -175,6 +185,7 @@ class Options(usage.Options):
             max_peers=self["max-peers"],
             max_peers_per_ip=self["max-peers-per-ip"],
             trusted_proxies=self["trusted-proxies"],
+            keepalive=self["keepalive"],
             ping_interval=self["ping-interval"],
             alive_timeout=self["alive-timeout"],
             sweep_interval=self["sweep-interval"],

@@ -476,7 +476,7 @@ def test_bug_dst_checked_before_type(data: bytes, reason: str | None) -> None:
 
 @pytest.mark.parametrize("mode", ["key", "none", "token"])
 def test_bug_takeover_respects_the_address_cap(mode: str) -> None:
-    w = World(room_by=mode, max_peers_per_ip=1)
+    w = World(room_by=mode, max_peers_per_ip=1, ping_interval=2.5, alive_timeout=5.0)
     key = "peerjs" if mode != "key" else "game"
     w.connect("alice", key=key, token="room1", address="10.0.0.1")
     bob = w.connect("bob", key=key, token="room1", address="10.0.0.2", responsive=False)

@@ -26,6 +26,7 @@ from websockets.protocol import State
 from websockets.sync.client import ClientConnection, connect
 
 from bench.haproxy import FAST_CHECKS, TEMPLATE, HAProxy, haproxy_binary, haproxy_version
+from bench.vanish import Vanish, unusable
 from peersig.tokens import mint
 
 from .serverproc import ServerProcess
@@ -206,6 +207,24 @@ def test_shipped_config_is_valid(tmp_path: Path) -> None:
     check = subprocess.run([HAPROXY, "-c", "-f", str(tmp_path / "haproxy.cfg")],
                            capture_output=True, text=True)
     assert check.returncode == 0, check.stdout + check.stderr
+
+
+def test_a_client_whose_network_vanishes_is_dropped_through_the_proxy(cluster: Cluster) -> None:
+    # peersig's keepalive watches HAProxy only; the shipped config has HAProxy watch the
+    # client the same way, and its close reaches peersig, which tells the room.
+    why = unusable()
+    if why:
+        pytest.skip(f"NFTABLES NOT USABLE: the vanished-network test did NOT run: {why}.")
+    alice, bob = Peer(cluster, "vanish", "alice"), Peer(cluster, "vanish", "bob")
+    alice.join(), bob.join()
+    assert alice.ws is not None
+    alice.send({"type": "HEARTBEAT"})
+    time.sleep(0.2)
+    with Vanish(alice.ws.socket.getsockname()[1]):
+        started = time.monotonic()
+        assert bob.recv(timeout=12) == {"type": "LEAVE", "src": "alice"}
+        took = time.monotonic() - started
+    assert 2.0 <= took <= 5.0, took
 
 
 def test_rooms_pinned_across_kill_and_drain(cluster: Cluster) -> None:

@@ -15,6 +15,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import ClientConnection, connect
 
+from bench.vanish import Vanish, unusable
+
 from .serverproc import REPO, ServerProcess
 
 
@@ -235,3 +237,24 @@ def test_bursts_to_a_slow_reader_arrive_whole_and_in_order(tmp_path: Path) -> No
             assert all(len(p["pad"]) == 60000 for p in got)  # type: ignore[index]
     finally:
         proc.stop()
+
+
+def test_a_peer_whose_network_vanishes_is_dropped_within_5s(server: ServerProcess) -> None:
+    # No WebSocket ping is involved: with the default --keepalive 5 the kernel probes the
+    # silent socket and gives up on it, and the room hears of it as of any lost connection.
+    why = unusable()
+    if why:
+        pytest.skip(f"NFTABLES NOT USABLE: the vanished-network test did NOT run: {why}. "
+                    "Run as root with nftables installed (tests/install-and-run.sh installs it).")
+    a = connect(server.ws_url("alice", token="vanish"))
+    with connect(server.ws_url("bob", token="vanish")) as b:
+        assert recv_json(a) == {"type": "OPEN"} and recv_json(b) == {"type": "OPEN"}
+        a.send(json.dumps({"type": "HEARTBEAT"}))
+        time.sleep(0.2)
+        with Vanish(a.socket.getsockname()[1]):
+            started = time.monotonic()
+            assert recv_json(b, timeout=10) == {"type": "LEAVE", "src": "alice"}
+            took = time.monotonic() - started
+        a.close_socket()
+    assert took <= 5.0, took  # given up at 4 s, and the kernel's timers run a little late
+    assert took >= 2.0, took  # by the kernel's probes, not by anything alice did

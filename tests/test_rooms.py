@@ -12,6 +12,10 @@ from peersig.session import CLOSED
 
 from .fakes import FakeTransport, World
 
+# The sweep alone keeping the 5 s bound, as it must behind a proxy (where the kernel's
+# keepalive only reaches the proxy): ping after 2.5 s of silence, drop after 5 s.
+PINGS_5S = {"ping_interval": 2.5, "alive_timeout": 5.0}
+
 OFFER = {"type": "OFFER", "payload": {"sdp": {"type": "offer", "sdp": "v=0"},
                                       "type": "data", "connectionId": "dc_1"}}
 
@@ -237,7 +241,7 @@ def test_same_token_takes_over_at_once_without_leave(mode: str) -> None:
 
 
 def test_presumed_dead_holder_is_replaced() -> None:
-    w = World()
+    w = World(**PINGS_5S)
     old = w.connect("alice", responsive=False)
     bob = w.connect("bob")
     bob.take()
@@ -251,7 +255,7 @@ def test_presumed_dead_holder_is_replaced() -> None:
 
 
 def test_healthy_holder_answering_pings_is_not_replaced() -> None:
-    w = World()
+    w = World(**PINGS_5S)
     w.connect("alice")
     for _ in range(10):
         w.advance(1.0)
@@ -279,8 +283,30 @@ def test_per_address_cap_counts_registered_peers() -> None:
 
 # -- §4 liveness ----------------------------------------------------------------------------
 
-def test_silent_peer_is_pinged_then_dropped_within_alive_timeout_and_room_told() -> None:
+def test_by_default_a_heartbeating_peer_is_never_pinged() -> None:
+    # The kernel's keepalive watches its network; the sweep waits for a missed heartbeat.
     w = World()
+    t = w.connect("alice", responsive=False)
+    for _ in range(24):
+        w.advance(5.0)
+        w.send(t, {"type": "HEARTBEAT"})
+    assert t.pings == 0 and not t.aborted
+
+
+def test_by_default_a_peer_that_stops_heartbeating_is_pinged_then_dropped_within_10s() -> None:
+    w = World()
+    silent = w.connect("alice", responsive=False)
+    bob = w.connect("bob")
+    bob.take()
+    w.advance(8.0)
+    assert silent.pings == 1 and not silent.aborted
+    w.advance(2.0)
+    assert silent.aborted
+    assert bob.take() == [{"type": "LEAVE", "src": "alice"}]
+
+
+def test_silent_peer_is_pinged_then_dropped_within_alive_timeout_and_room_told() -> None:
+    w = World(**PINGS_5S)
     silent = w.connect("alice", responsive=False)
     bob = w.connect("bob")
     bob.take()
@@ -296,7 +322,7 @@ def test_silent_peer_is_pinged_then_dropped_within_alive_timeout_and_room_told()
 
 
 def test_healthy_peer_that_only_answers_pings_is_kept() -> None:
-    w = World()
+    w = World(**PINGS_5S)
     t = w.connect("alice", )
     w.advance(120.0)
     assert not t.aborted and t.closed is None
@@ -304,7 +330,7 @@ def test_healthy_peer_that_only_answers_pings_is_kept() -> None:
 
 
 def test_heartbeats_alone_keep_a_peer() -> None:
-    w = World()
+    w = World(**PINGS_5S)
     t = w.connect("alice", responsive=False)
     for _ in range(20):
         w.advance(4.0)
@@ -313,7 +339,7 @@ def test_heartbeats_alone_keep_a_peer() -> None:
 
 
 def test_any_frame_counts_as_alive_even_a_bad_one() -> None:
-    w = World()
+    w = World(**PINGS_5S)
     t = w.connect("alice", responsive=False)
     for _ in range(8):
         w.advance(4.0)
@@ -327,7 +353,7 @@ class ExplodingTransport(FakeTransport):
 
 
 def test_sweep_survives_a_failing_peer_and_keeps_running() -> None:
-    w = World()
+    w = World(**PINGS_5S)
     bad = ExplodingTransport()
     bad.session = w.hub.join(bad, JoinRequest("peerjs", "bad", "room1", "127.0.0.1"))
     good = w.connect("good", responsive=False)

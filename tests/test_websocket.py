@@ -5,7 +5,9 @@ from __future__ import annotations
 import gc
 import json
 import os
+import socket
 import weakref
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -17,7 +19,7 @@ from twisted.python.failure import Failure
 from peersig.config import Config
 from peersig.rooms import Hub
 from peersig.service import make_site
-from peersig.websocket import PeerProtocol, make_factory
+from peersig.websocket import PeerProtocol, keep_alive, make_factory
 
 from .fakes import World
 
@@ -338,3 +340,34 @@ def test_a_departed_peer_is_freed_without_the_cycle_collector(world: World) -> N
         assert gone() is None
     finally:
         gc.enable()
+
+
+def keepalive_of(sock: socket.socket) -> tuple[int, ...]:
+    return (sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE),
+            sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE),
+            sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL),
+            sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT))
+
+
+@pytest.mark.parametrize("seconds", [5, 0])
+def test_an_open_peer_is_left_to_the_kernel_keepalive(seconds: int) -> None:
+    # Probes from 2 s of silence, one a second, and the connection given up at 4 s: a
+    # second to spare for the kernel's timers, within the 5 s promised.
+    world = World(keepalive=seconds)
+    channel, transport = http_connection(world)
+    with socket.socket() as sock:
+        transport.socket = sock  # where Twisted's TCP transport keeps it
+        channel.dataReceived(handshake(query="key=peerjs&id=alice&token=room1"))
+        assert "alice" in world.hub.rooms["room1"].peers
+        if seconds:
+            assert keepalive_of(sock) == (1, 2, 1, 4000)
+        else:
+            assert keepalive_of(sock)[0] == 0 and keepalive_of(sock)[3] == 0
+
+
+def test_keepalive_finds_the_socket_under_tls() -> None:
+    with socket.socket() as sock:
+        tls = SimpleNamespace(transport=SimpleNamespace(socket=sock))  # TLSMemoryBIOProtocol
+        assert keep_alive(tls, 9)
+        assert keepalive_of(sock) == (1, 6, 1, 8000)
+    assert not keep_alive(SimpleNamespace(transport=None), 5)  # no socket: nothing to do
