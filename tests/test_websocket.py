@@ -11,6 +11,8 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import StringTransport
@@ -371,3 +373,109 @@ def test_keepalive_finds_the_socket_under_tls() -> None:
         assert keep_alive(tls, 9)
         assert keepalive_of(sock) == (1, 6, 1, 8000)
     assert not keep_alive(SimpleNamespace(transport=None), 5)  # no socket: nothing to do
+
+
+# -- the lean opening handshake (PeerProtocol._open) answers as Autobahn does ---------------
+
+Q = "key=peerjs&id=alice&token=room1"
+BROWSER = (f"GET /peerjs?{Q} HTTP/1.1\r\nHost: peers.example:9000\r\nConnection: Upgrade\r\n"
+           "Pragma: no-cache\r\nUpgrade: websocket\r\nOrigin: https://game.example\r\n"
+           "Sec-WebSocket-Version: 13\r\nUser-Agent: Mozilla/5.0\r\n"
+           "Sec-WebSocket-Key: x3JJHMbDL1EzLkh9GBhXDw==\r\n"
+           "Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n\r\n")
+REQUESTS = {
+    "chrome": BROWSER,
+    "firefox": BROWSER.replace("Connection: Upgrade", "Connection: keep-alive, Upgrade")
+                      .replace("client_max_window_bits", "").replace("deflate; ", "deflate"),
+    "bare": handshake(query=Q).decode(),
+    "lower-case names, odd spacing": BROWSER.replace("Upgrade: websocket", "upgrade:websocket  ")
+                                            .replace("Host:", "HOST :"),
+    "ipv6 host": BROWSER.replace("peers.example:9000", "[::1]:9000"),
+    "trailing frame": BROWSER + "\x81\x80abcd",
+    "other extension offer": BROWSER.replace("client_max_window_bits", "bogus=1"),
+    "subprotocol": BROWSER.replace("Pragma", "Sec-WebSocket-Protocol: chat\r\nPragma"),
+    "two hosts": BROWSER.replace("Pragma", "Host: other\r\nPragma"),
+    "no host": BROWSER.replace("Host: peers.example:9000\r\n", ""),
+    "bad port": BROWSER.replace(":9000", ":90x0"),
+    "no key": BROWSER.replace("Sec-WebSocket-Key: x3JJHMbDL1EzLkh9GBhXDw==\r\n", ""),
+    "short key": BROWSER.replace("x3JJHMbDL1EzLkh9GBhXDw==", "x3JJHMbDL1EzLkh9GBhX=="),
+    "bad key": BROWSER.replace("x3JJHMbDL1EzLkh9GBhXDw==", "x3JJHMbDL1E!Lkh9GBhXDw=="),
+    "version 8": BROWSER.replace("Version: 13", "Version: 8"),
+    "version +13": BROWSER.replace("Version: 13", "Version: +13"),
+    "no upgrade": BROWSER.replace("Upgrade: websocket\r\n", ""),
+    "upgrade h2c": BROWSER.replace("Upgrade: websocket", "Upgrade: h2c"),
+    "connection close": BROWSER.replace("Connection: Upgrade", "Connection: close"),
+    "origin null": BROWSER.replace("https://game.example", "null"),
+    "origin odd": BROWSER.replace("https://game.example", "https://game.example/path"),
+    "fragment": BROWSER.replace(f"?{Q}", f"?{Q}#x"),
+    "wrong key param": BROWSER.replace("key=peerjs", "key=nope"),
+    "no id": BROWSER.replace("&id=alice", ""),
+    "latin-1 header": BROWSER.replace("Mozilla/5.0", "Mozilla/5.0 \xe9"),
+}
+
+
+def answer(world: World, request: str) -> tuple[bytes, bool, bool]:
+    channel, transport = http_connection(world)
+    channel.dataReceived(request.encode("iso-8859-1"))
+    peers = world.hub.rooms.get("room1")
+    return (transport.value(), bool(peers and "alice" in peers.peers),
+            transport.disconnecting)
+
+
+@pytest.mark.parametrize("name", list(REQUESTS))
+@pytest.mark.parametrize("config", [{}, {"allowed_origins": ("https://else.example",)},
+                                    {"draining": True}])
+def test_the_lean_handshake_answers_as_autobahn_does(name: str, config: dict[str, Any],
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    def world() -> World:
+        w = World(**{k: v for k, v in config.items() if k != "draining"})
+        w.hub.draining = bool(config.get("draining"))
+        return w
+
+    lean = answer(world(), REQUESTS[name])
+    with monkeypatch.context() as m:
+        m.setattr(PeerProtocol, "_open", lambda self, data: False)
+        generic = answer(world(), REQUESTS[name])
+    assert lean == generic
+    if name in ("chrome", "firefox", "bare") and not config:
+        assert lean[0].startswith(b"HTTP/1.1 101 ") and lean[1]  # taken, and opened
+
+
+def test_the_lean_handshake_takes_what_browsers_send(monkeypatch: pytest.MonkeyPatch) -> None:
+    taken = []
+    real = PeerProtocol._open
+
+    def spy(self: PeerProtocol, data: bytes) -> bool:
+        taken.append(real(self, data))
+        return taken[-1]
+
+    monkeypatch.setattr(PeerProtocol, "_open", spy)
+    for name in ("chrome", "firefox", "bare", "lower-case names, odd spacing", "ipv6 host"):
+        taken.clear()
+        assert answer(World(), REQUESTS[name])[1], name
+        assert taken == [True], name
+
+
+_PIECES = ["GET", "HTTP/1.1", "HTTP/1.0", "/peerjs", "?", "#", ";", ":", ",", " ", "\t",
+           "\r\n", "\n", "\r", "==", "13", "Host", "Upgrade", "websocket", "Connection",
+           "Origin", "null", "https://", "Sec-WebSocket-Key", "Sec-WebSocket-Version",
+           "Sec-WebSocket-Protocol", "permessage-deflate", "[::1]", "\xe9", "\x00"]
+
+
+@settings(suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(edits=st.lists(st.tuples(st.integers(0, len(BROWSER)), st.integers(0, 8),
+                                st.sampled_from(_PIECES) | st.text(max_size=4)),
+                      min_size=1, max_size=4))
+def test_a_mangled_request_gets_autobahns_answer(edits: list[tuple[int, int, str]],
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    request = BROWSER
+    for at, cut, piece in edits:
+        request = request[:at] + piece + request[at + cut:]
+    try:
+        request.encode("iso-8859-1")
+    except UnicodeEncodeError:
+        return
+    lean = answer(World(), request)
+    with monkeypatch.context() as m:
+        m.setattr(PeerProtocol, "_open", lambda self, data: False)
+        assert answer(World(), request) == lean
