@@ -677,6 +677,7 @@ async def scenario_latency(kind: str, args) -> dict:
             "rtt_ms_p50": pct(rtts, 50), "rtt_ms_p90": pct(rtts, 90),
             "rtt_ms_p99": pct(rtts, 99), "rtt_ms_p999": pct(rtts, 99.9),
             "rtt_ms_max": max(rtts) if rtts else float("nan"),
+            "_rtts": rtts,  # pooled over the rounds by pool_rounds, not saved
             "server_cpu_pct": cpu / secs * 100,
             "server_us_per_msg": cpu / max(msgs, 1) * 1e6,
             "gen_cpu_pct": (m1["cpu"] - m0["cpu"]) / secs * 100,
@@ -1096,7 +1097,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--relay-seconds", type=float, default=None)
     ap.add_argument("--latency-rate", type=float, default=10000,
                     help="offered relayed messages/s (OFFER + ANSWER)")
-    ap.add_argument("--latency-seconds", type=float, default=None)
+    ap.add_argument("--latency-seconds", type=float, default=None,
+                    help="window of each latency round (default 12)")
+    ap.add_argument("--connect-rounds", type=int, default=None,
+                    help="ramps per size and server, alternating which goes first (default 3)")
+    ap.add_argument("--latency-rounds", type=int, default=None,
+                    help="latency rounds per server, alternating which goes first (default 5)")
     ap.add_argument("--idle-peers", type=int, default=None)
     ap.add_argument("--idle-seconds", type=float, default=None)
     ap.add_argument("--churn-peers", type=int, default=None)
@@ -1143,7 +1149,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     defaults = {
         "connect_sizes": "1000" if q else "1000,4000,20000",
         "relay_seconds": 4 if q else 20,
-        "latency_seconds": 4 if q else 20,
+        "latency_seconds": 4 if q else 12,
+        "latency_rounds": 1 if q else 5,
+        "connect_rounds": 1 if q else 3,
         "idle_peers": 1000 if q else 10000,
         "idle_seconds": 4 if q else 30,
         "churn_peers": 600 if q else 4000,
@@ -1203,12 +1211,24 @@ async def amain(args: argparse.Namespace) -> dict:
         plan: list[tuple[str, str, object]] = []
         for sc in args.scenarios:
             if sc == "connect":
-                for n in args.sizes:
-                    for kind in args.servers:
-                        plan.append((f"connect{n}", kind, (scenario_connect, kind, n, args)))
+                # Rounds, as for latency: one ramp per server swings by a quarter here.
+                for i in range(args.connect_rounds):
+                    kinds = args.servers if i % 2 == 0 else args.servers[::-1]
+                    for n in args.sizes:
+                        for kind in kinds:
+                            plan.append((f"connect{n}#{i + 1}", kind,
+                                         (scenario_connect, kind, n, args)))
+            elif sc == "latency":
+                # This VM stalls now and then for tens of ms: one window per server is a
+                # coin toss. Several short rounds, alternating which server goes first,
+                # each on a fresh server, pooled by pool_rounds.
+                for i in range(args.latency_rounds):
+                    kinds = args.servers if i % 2 == 0 else args.servers[::-1]
+                    for kind in kinds:
+                        plan.append((f"latency#{i + 1}", kind, (scenario_latency, kind, args)))
             else:
-                fn = {"relay": scenario_relay, "latency": scenario_latency,
-                      "idle": scenario_idle, "churn": scenario_churn}[sc]
+                fn = {"relay": scenario_relay, "idle": scenario_idle,
+                      "churn": scenario_churn}[sc]
                 for kind in args.servers:
                     plan.append((sc, kind, (fn, kind, args)))
         for name, kind, (fn, *fargs) in plan:  # type: ignore[misc]
@@ -1239,6 +1259,7 @@ async def amain(args: argparse.Namespace) -> dict:
             assert best is not None
             best["attempts"] = attempts
             results["runs"].setdefault(name, {})[kind] = best
+    pool_rounds(results["runs"])
     if args.profile or args.profile_only:
         best = None
         for _attempt in range(args.retries + 1):
@@ -1259,6 +1280,66 @@ async def amain(args: argparse.Namespace) -> dict:
     return results
 
 
+def pool_rounds(runs: dict) -> None:
+    """Merge the rounds of each scenario run in rounds (``name#i``) into ``name``: the
+    latency percentiles of all round trips together, CPU per connect as total CPU over
+    total connects; each round's own figures kept under ``rounds``."""
+    names: dict[str, list[str]] = {}
+    for n in runs:
+        if "#" in n:
+            names.setdefault(n.split("#")[0], []).append(n)
+    for base, rounds_of in names.items():
+        rounds_of.sort(key=lambda n: int(n.split("#")[1]))
+        pooled: dict = {}
+        for kind in {k for n in rounds_of for k in runs[n]}:
+            rounds = [runs[n][kind] for n in rounds_of if kind in runs[n]]
+            good = [r for r in rounds if "error" not in r]
+            merged = dict(good[0] if good else rounds[0])
+            if good:
+                merged.update(_pool_latency(good) if base == "latency" else _pool_connect(good))
+            keep = ("rtt_ms_p50", "rtt_ms_p99", "rtt_ms_max") if base == "latency" else (
+                "cpu_ms_per_connect", "rss_kib_per_peer", "ok", "failed")
+            merged["rounds"] = [{k: r.get(k) for k in (*keep, "other_load_pct", "error")}
+                                for r in rounds]
+            pooled[kind] = merged
+        for n in rounds_of:
+            del runs[n]
+        runs[base] = pooled
+
+
+def _pool_latency(good: list[dict]) -> dict:
+    rtts = [x for r in good for x in r.pop("_rtts")]
+    secs = sum(r["seconds"] for r in good)
+    out = {key: sum(r[key] * r["seconds"] for r in good) / secs
+           for key in ("msgs_per_s", "server_cpu_pct", "gen_cpu_pct", "other_load_pct",
+                       "steal_pct_server_cpu", "steal_pct_gen_cpu")}
+    out.update({
+        "seconds": secs, "round_trips": len(rtts),
+        "rtt_ms_p50": pct(rtts, 50), "rtt_ms_p90": pct(rtts, 90),
+        "rtt_ms_p99": pct(rtts, 99), "rtt_ms_p999": pct(rtts, 99.9),
+        "rtt_ms_max": max(rtts),
+        "unanswered": sum(r["unanswered"] for r in good),
+        "drops": sum(r["drops"] for r in good),
+    })
+    return out
+
+
+def _pool_connect(good: list[dict]) -> dict:
+    ok = sum(r["ok"] for r in good)
+    cpu = sum(r["server_cpu_s"] for r in good)
+    return {
+        "ok": min(r["ok"] for r in good), "failed": sum(r["failed"] for r in good),
+        "dropped_after_open": sum(r["dropped_after_open"] for r in good),
+        "server_cpu_s": cpu, "cpu_ms_per_connect": cpu / ok * 1000,
+        "connects_per_s": ok / sum(r["connect_seconds"] for r in good),
+        "rss_kib_per_peer": sum(r["rss_kib_per_peer"] for r in good) / len(good),
+        "gen_cpu_ms_per_connect": sum(r["gen_cpu_ms_per_connect"] * r["ok"]
+                                      for r in good) / ok,
+        "join_ms_p99": max(r["join_ms_p99"] for r in good),
+        "other_load_pct": max(r["other_load_pct"] for r in good),
+    }
+
+
 def summary_line(name: str, r: dict) -> str:
     if "error" in r:
         return "ERROR " + r["error"]
@@ -1270,6 +1351,7 @@ def _summary(name: str, r: dict) -> str:
         return (f"ok {r['ok']} failed {r['failed']} dropped {r['dropped_after_open']}, "
                 f"{r['cpu_ms_per_connect']:.3f} ms CPU/connect, "
                 f"{r['rss_kib_per_peer']:.1f} KiB/peer, join p99 {r['join_ms_p99']:.1f} ms")
+    name = name.split("#")[0]
     if name == "relay":
         return (f"{r['msgs_per_s']:.0f} msg/s, {r['server_us_per_msg']:.1f} us/msg, server "
                 f"{r['server_cpu_pct']:.0f}% CPU, gen {r['gen_us_per_msg']:.1f} us/msg "
