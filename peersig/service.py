@@ -11,16 +11,17 @@ from twisted.application.internet import StreamServerEndpointService, TimerServi
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IReactorTime, IStreamServerEndpoint
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
+from zope.interface import implementer
 
 from .config import Config
 from .messages import CLOSE_GOING_AWAY
 from .rooms import Hub
 from .tls import ReloadingTLS, tls_endpoint
 from .web import QuietSite, Root
-from .websocket import PeerFactory, make_factory
+from .websocket import PeerFactory, keep_alive, make_factory
 
 log = Logger()
 
@@ -101,6 +102,24 @@ class PeersigService(MultiService):
         return drained.addCallback(stop_children)
 
 
+@implementer(IStreamServerEndpoint)
+class KeepAliveEndpoint:
+    """An endpoint whose listening socket carries the kernel keepalive of
+    ``websocket.keep_alive``, for every socket it accepts to inherit."""
+
+    def __init__(self, endpoint: IStreamServerEndpoint, seconds: int) -> None:
+        self.endpoint = endpoint
+        self.seconds = seconds
+
+    def listen(self, factory: Any) -> Deferred[Any]:
+        return self.endpoint.listen(factory).addCallback(self._keep_alive)
+
+    def _keep_alive(self, port: Any) -> Any:
+        if not keep_alive(port, self.seconds):
+            log.warn("no TCP socket on {port}: --keepalive does not apply there", port=port)
+        return port
+
+
 def make_site(hub: Hub, factory: PeerFactory) -> QuietSite:
     site = QuietSite(Root(hub, WebSocketResource(factory)))
     site.websocket = factory
@@ -117,11 +136,14 @@ def make_service(config: Config, ports: list[str], reactor: Any) -> PeersigServi
     certificates: list[ReloadingTLS] = []
     top = PeersigService(hub, factory, reactor, certificates)
     for description in ports:
+        endpoint: IStreamServerEndpoint
         if description.startswith("ssl:"):
             endpoint, certificate = tls_endpoint(reactor, description)
             certificates.append(certificate)
         else:
             endpoint = serverFromString(reactor, description)
+        if config.keepalive:
+            endpoint = KeepAliveEndpoint(endpoint, config.keepalive)
         listening = StreamServerEndpointService(endpoint, site)
         listening._raiseSynchronously = True
         listening.setServiceParent(top)

@@ -78,24 +78,29 @@ def write_now(transport: Any, data: bytes) -> None:
     transport.write(data)
 
 
-def keep_alive(transport: Any, seconds: int) -> bool:
-    """Let the kernel drop the connection once the peer's host has answered nothing for
+def keep_alive(holder: Any, seconds: int) -> bool:
+    """Let the kernel drop a connection once the peer's host has answered nothing for
     ``seconds`` - 1 (a second is left for the kernel's timers, which run late by up to a
     tenth of a second each): TCP keepalive probes from ``seconds`` - 3 of silence on, one
     a second, and a TCP user timeout that also bounds data left unacknowledged. A live
     peer has two probes to answer, and two seconds to do it.
 
+    ``holder`` is a listening port (the sockets it accepts inherit the options, on Linux,
+    at no cost per connection) or a connection, under TLS or not: the socket is found
+    under the transports that wrap it. Returns whether a TCP socket was found.
+
     A live peer's kernel answers the probes (as a browser answers WebSocket pings, without
     any page code), so this costs the server no wakeup, where a WebSocket ping costs a send,
-    a receive and two trips through Python per peer per heartbeat. Through TLS too: the
-    socket is found under the transports that wrap it. Returns whether one was found.
+    a receive and two trips through Python per peer per heartbeat.
     """
-    while transport is not None:
-        sock = getattr(transport, "socket", None)
+    while holder is not None:
+        sock = getattr(holder, "socket", None)
         if isinstance(sock, socket.socket):
             break
-        transport = getattr(transport, "transport", None)
+        holder = getattr(holder, "transport", None)
     else:
+        return False
+    if sock.family not in (socket.AF_INET, socket.AF_INET6):
         return False
     idle = max(1, seconds - 3)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
@@ -163,6 +168,8 @@ class PeerProtocol(WebSocketServerProtocol):
     openHandshakeTimeout: float
     # Set by the HTTP channel that handed this connection over (web.GuardedChannel).
     handshake_deadline: IDelayedCall | None = None
+    # The 101 of a lean opening handshake (_open), until the first frame takes it along.
+    _opening = b""
     # Autobahn's protocol options, which make_factory puts on the class.
     trustXForwardedFor: int
     maxConnections: int
@@ -224,9 +231,6 @@ class PeerProtocol(WebSocketServerProtocol):
         if not self.send_queue:
             self.send_queue = _SendQueue()
         self.__dict__ = dict(attrs)
-        seconds = self.hub.config.keepalive
-        if seconds:
-            keep_alive(self.transport, seconds)
         try:
             self.session = self.hub.join(self, req)
         except Exception:
@@ -345,7 +349,9 @@ class PeerProtocol(WebSocketServerProtocol):
             "Upgrade: WebSocket\r\nConnection: Upgrade\r\n",
             f"Sec-WebSocket-Accept: {accept}\r\n\r\n",
         ))
-        write_now(self.transport, response.encode())
+        # The 101 goes out with the first frame onOpen sends (OPEN, or the ERROR of a
+        # refused join): one send where there were two.
+        self._opening = response.encode()
         # The state Autobahn's succeedHandshake leaves.
         self.websocket_version = 13
         self.websocket_protocol_in_use = None
@@ -356,9 +362,22 @@ class PeerProtocol(WebSocketServerProtocol):
             self.openHandshakeTimeoutCall = None
         self.inside_message = False
         self.current_frame = None  # type: ignore[assignment]  # None between frames
-        self._onOpen()
+        try:
+            self._onOpen()
+        finally:
+            self._write_opening()
         self.is_open.callback(None)
         return True
+
+    def _write_opening(self, then: bytes = b"") -> bytes:
+        """``then``, after the 101 if that has not gone out yet."""
+        opening = self._opening
+        if not opening:
+            return then
+        del self._opening
+        if not then:
+            write_now(self.transport, opening)
+        return opening + then
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         session = self.session
@@ -407,7 +426,10 @@ class PeerProtocol(WebSocketServerProtocol):
                 head = bytes((0x81, 126, size >> 8, size & 0xFF))
             else:
                 head = b"\x81\x7f" + size.to_bytes(8, "big")
-            write_now(self.transport, head + frame)
+            data = head + frame
+            if self._opening:
+                data = self._write_opening(data)
+            write_now(self.transport, data)
 
     def send_ping(self) -> None:
         # An empty ping frame, written directly: Autobahn's sendPing formats debug log
@@ -422,6 +444,7 @@ class PeerProtocol(WebSocketServerProtocol):
             return
         # sendClose() admits only the application codes (1000, 3000-4999); a server may
         # send the protocol's own 1001/1003/1008/1011, so write the frame ourselves.
+        self._write_opening()
         self.sendCloseFrame(code, reason.encode()[:123], False)
 
     def abort_connection(self) -> None:

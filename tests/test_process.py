@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import ssl
 import subprocess
 import sys
 import time
@@ -239,22 +240,40 @@ def test_bursts_to_a_slow_reader_arrive_whole_and_in_order(tmp_path: Path) -> No
         proc.stop()
 
 
-def test_a_peer_whose_network_vanishes_is_dropped_within_5s(server: ServerProcess) -> None:
+@pytest.mark.parametrize("scheme", ["ws", "wss"])
+def test_a_peer_whose_network_vanishes_is_dropped_within_5s(
+        server: ServerProcess, scheme: str, tmp_path: Path) -> None:
     # No WebSocket ping is involved: with the default --keepalive 5 the kernel probes the
     # silent socket and gives up on it, and the room hears of it as of any lost connection.
     why = unusable()
     if why:
         pytest.skip(f"NFTABLES NOT USABLE: the vanished-network test did NOT run: {why}. "
                     "Run as root with nftables installed (tests/install-and-run.sh installs it).")
-    a = connect(server.ws_url("alice", token="vanish"))
-    with connect(server.ws_url("bob", token="vanish")) as b:
-        assert recv_json(a) == {"type": "OPEN"} and recv_json(b) == {"type": "OPEN"}
-        a.send(json.dumps({"type": "HEARTBEAT"}))
-        time.sleep(0.2)
-        with Vanish(a.socket.getsockname()[1]):
-            started = time.monotonic()
-            assert recv_json(b, timeout=10) == {"type": "LEAVE", "src": "alice"}
-            took = time.monotonic() - started
-        a.close_socket()
+    tls = None
+    if scheme == "wss":
+        tls = ServerProcess(tmp_path, tls=True)
+        tls.start()
+        context = ssl.create_default_context()
+        context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    try:
+        def url(peer_id: str) -> str:
+            if tls is None:
+                return server.ws_url(peer_id, token="vanish")
+            return (f"wss://127.0.0.1:{tls.tls_port}/peerjs?key=peerjs&id={peer_id}"
+                    "&token=vanish")
+        options = {"ssl": context} if tls is not None else {}
+        a = connect(url("alice"), **options)
+        with connect(url("bob"), **options) as b:
+            assert recv_json(a) == {"type": "OPEN"} and recv_json(b) == {"type": "OPEN"}
+            a.send(json.dumps({"type": "HEARTBEAT"}))
+            time.sleep(0.2)
+            with Vanish(a.socket.getsockname()[1]):
+                started = time.monotonic()
+                assert recv_json(b, timeout=10) == {"type": "LEAVE", "src": "alice"}
+                took = time.monotonic() - started
+            a.close_socket()
+    finally:
+        if tls is not None:
+            tls.stop()
     assert took <= 5.0, took  # given up at 4 s, and the kernel's timers run a little late
     assert took >= 2.0, took  # by the kernel's probes, not by anything alice did

@@ -13,14 +13,17 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from twisted.application.internet import StreamServerEndpointService
 from twisted.internet.address import IPv4Address
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 
 from peersig.config import Config
 from peersig.rooms import Hub
-from peersig.service import make_site
+from peersig.service import KeepAliveEndpoint, make_service, make_site
 from peersig.websocket import PeerProtocol, keep_alive, make_factory
 
 from .fakes import World
@@ -351,20 +354,33 @@ def keepalive_of(sock: socket.socket) -> tuple[int, ...]:
             sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT))
 
 
-@pytest.mark.parametrize("seconds", [5, 0])
-def test_an_open_peer_is_left_to_the_kernel_keepalive(seconds: int) -> None:
+def test_the_listening_socket_carries_the_keepalive_its_connections_inherit() -> None:
     # Probes from 2 s of silence, one a second, and the connection given up at 4 s: a
     # second to spare for the kernel's timers, within the 5 s promised.
-    world = World(keepalive=seconds)
-    channel, transport = http_connection(world)
-    with socket.socket() as sock:
-        transport.socket = sock  # where Twisted's TCP transport keeps it
-        channel.dataReceived(handshake(query="key=peerjs&id=alice&token=room1"))
-        assert "alice" in world.hub.rooms["room1"].peers
-        if seconds:
+    with socket.socket() as listening:
+        listening.bind(("127.0.0.1", 0))
+        listening.listen()
+        port = SimpleNamespace(socket=listening)
+
+        class Endpoint:
+            def listen(self, factory: object) -> Deferred[object]:
+                return succeed(port)
+
+        listened: list[object] = []
+        KeepAliveEndpoint(Endpoint(), 5).listen(None).addCallback(listened.append)
+        assert listened == [port]
+        with socket.create_connection(listening.getsockname()), listening.accept()[0] as sock:
             assert keepalive_of(sock) == (1, 2, 1, 4000)
-        else:
-            assert keepalive_of(sock)[0] == 0 and keepalive_of(sock)[3] == 0
+
+
+def test_keepalive_is_left_out_when_off() -> None:
+    from twisted.internet import reactor
+
+    top = make_service(Config(keepalive=0), ["tcp:0:interface=127.0.0.1"], reactor)
+    top5 = make_service(Config(), ["tcp:0:interface=127.0.0.1"], reactor)
+    endpoints = [type(s.endpoint) for t in (top, top5) for s in t
+                 if isinstance(s, StreamServerEndpointService)]
+    assert endpoints == [TCP4ServerEndpoint, KeepAliveEndpoint]
 
 
 def test_keepalive_finds_the_socket_under_tls() -> None:
@@ -373,6 +389,8 @@ def test_keepalive_finds_the_socket_under_tls() -> None:
         assert keep_alive(tls, 9)
         assert keepalive_of(sock) == (1, 6, 1, 8000)
     assert not keep_alive(SimpleNamespace(transport=None), 5)  # no socket: nothing to do
+    with socket.socket(socket.AF_UNIX) as unix:
+        assert not keep_alive(SimpleNamespace(socket=unix), 5)
 
 
 # -- the lean opening handshake (PeerProtocol._open) answers as Autobahn does ---------------
@@ -479,3 +497,27 @@ def test_a_mangled_request_gets_autobahns_answer(edits: list[tuple[int, int, str
     with monkeypatch.context() as m:
         m.setattr(PeerProtocol, "_open", lambda self, data: False)
         assert answer(World(), request) == lean
+
+
+def test_the_101_goes_out_with_the_first_frame_and_before_any_close(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    world = World()
+    sent: list[bytes] = []
+    channel, transport = http_connection(world)
+    monkeypatch.setattr(transport, "write", lambda data: sent.append(data))
+    channel.dataReceived(BROWSER.encode())
+    assert len(sent) == 1 and sent[0].startswith(b"HTTP/1.1 101 ")  # one write, OPEN too
+    assert server_frames(sent[0].split(b"\r\n\r\n", 1)[1]) == [(1, b'{"type":"OPEN"}')]
+
+    def broken(*args: object) -> None:
+        raise RuntimeError("join broke")
+
+    monkeypatch.setattr(world.hub, "join", broken)
+    sent.clear()
+    channel, transport = http_connection(world)
+    monkeypatch.setattr(transport, "write", lambda data: sent.append(data))
+    channel.dataReceived(BROWSER.replace("alice", "bob").encode())
+    wire = b"".join(sent)
+    assert wire.startswith(b"HTTP/1.1 101 ")
+    (op, payload), = server_frames(wire.split(b"\r\n\r\n", 1)[1])
+    assert op == 8 and int.from_bytes(payload[:2], "big") == 1011
