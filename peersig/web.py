@@ -11,6 +11,7 @@ import time
 from typing import Any, cast
 
 from autobahn.twisted.resource import WebSocketResource
+from twisted.internet.base import DelayedCall
 from twisted.internet.interfaces import IConsumer, IDelayedCall
 from twisted.internet.protocol import connectionDone
 from twisted.protocols.policies import ProtocolWrapper
@@ -153,8 +154,12 @@ class GuardedChannel(HTTPChannel):
     _start = b""
 
     def connectionMade(self) -> None:
+        # Until the connection shows it is plain HTTP the deadline bounds it, and an
+        # upgrade never needs HTTP's idle timeout: it is started then, not here.
+        timeout, self.timeOut = self.timeOut, None
         super().connectionMade()
-        self._deadline = self.callLater(self.timeOut, self._deadline_passed)
+        self.timeOut = timeout
+        self._deadline = self.callLater(timeout, self._deadline_passed)
 
     def dataReceived(self, data: bytes) -> None:
         if self._sniffing:
@@ -173,6 +178,7 @@ class GuardedChannel(HTTPChannel):
                     return
             self._sniffing = False
             self._start = b""
+            self.setTimeout(self.timeOut)
         super().dataReceived(data)
 
     def _hand_over(self, factory: PeerFactory, data: bytes) -> None:
@@ -181,14 +187,13 @@ class GuardedChannel(HTTPChannel):
         protocol = cast(PeerProtocol, factory.buildProtocol(transport.getPeer()))
         # The handshake deadline goes with the connection, to the second: Autobahn's own
         # timer would round it down to a whole second and could cut a client early.
+        # The same timer call, now aimed at the protocol.
         deadline, self._deadline = self._deadline, None
         if deadline is not None and deadline.active():
-            deadline.cancel()
+            call = cast(DelayedCall, deadline)
+            call.func, call.args, call.kw = protocol.handshake_expired, (), {}
             protocol.openHandshakeTimeout = 0
-            protocol.handshake_deadline = self.callLater(
-                max(deadline.getTime() - protocol.hub.clock.seconds(), 0.0),
-                protocol.handshake_expired)
-        self.setTimeout(None)
+            protocol.handshake_deadline = deadline
         cast(IConsumer, transport).unregisterProducer()
         self.transport = None
         # As Autobahn's WebSocketResource does it: under TLS the socket's protocol is the
