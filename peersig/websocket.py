@@ -127,6 +127,9 @@ _HANDSHAKE_LEFTOVERS = (
     "http_status_line", "http_request_uri", "http_request_path", "http_request_host",
     "websocket_protocols", "websocket_extensions", "websocket_origin", "_wskey",
     "utf8validator",
+    # Autobahn's event listeners ("message"), which nothing here listens to: fire() looks
+    # only for listeners, and finds the class's None.
+    "_valid_events", "_results",
 )
 # Autobahn state that is None for an open connection until it closes: dropped while None.
 _NONE_WHILE_OPEN = (
@@ -366,7 +369,9 @@ class PeerProtocol(WebSocketServerProtocol):
             self._onOpen()
         finally:
             self._write_opening()
-        self.is_open.callback(None)
+        # Autobahn's is_open would now fire, for no one: a server's connections are not
+        # waited for. It goes, with its 350 bytes a peer.
+        del self.is_open
         return True
 
     def _write_opening(self, then: bytes = b"") -> bytes:
