@@ -279,7 +279,9 @@ def render(res: dict, raw_path: Path | None = None) -> str:
           "machine is shared with other people's test runs; each scenario waited up to "
           f"{a.get('quiet_max_wait', 0):g} s for a quiet machine and was measured again, up "
           f"to {a.get('retries', 0)} more times, when this exceeded "
-          f"{a.get('max_interference', 0):g}% of a CPU): " + ", ".join(loads) + ".")
+          f"{a.get('max_interference', 0):g}% of a CPU, or when the hypervisor stole more "
+          f"than {a.get('max_steal', 100):g}% of the server's or the generator's CPU; the "
+          "attempt least disturbed is reported): " + ", ".join(loads) + ".")
         w("")
     w("Reading the table: *CPU* is the server process's utime+stime from `/proc/PID/stat` "
       "over the measured window (all threads, so Node's GC helpers count); *RSS* is `VmRSS` "
