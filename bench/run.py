@@ -183,7 +183,7 @@ async def watch_vanished(server_port: int, address: str, port: int, limit: float
     if why:
         return {"vanished_dropped_after_s": None, "vanished_note": why}
     query = f"( sport = :{server_port} and dst {address}:{port} )"
-    with vanish.Vanish(port):
+    with vanish.Vanish(port, address):
         t0 = time.monotonic()
         while (elapsed := time.monotonic() - t0) < limit:
             proc = await asyncio.create_subprocess_exec(

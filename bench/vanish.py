@@ -25,11 +25,15 @@ def unusable() -> str | None:
 
 
 class Vanish:
-    """``with Vanish(port):`` drops every TCP segment with ``port`` as source or
-    destination until the block ends. One table per instance, deleted on exit."""
+    """``with Vanish(port, address):`` drops every TCP segment from or to ``address``:
+    ``port`` until the block ends. One table per instance, deleted on exit.
 
-    def __init__(self, port: int) -> None:
+    The address matters when clients bind several loopback addresses: the same port
+    number is then in use once per address."""
+
+    def __init__(self, port: int, address: str = "127.0.0.1") -> None:
         self.port = port
+        self.address = address
         self.table = f"peersig_vanish_{os.getpid()}_{port}"
 
     def _nft(self, *command: str) -> None:
@@ -43,8 +47,9 @@ class Vanish:
             for hook in ("output", "input"):
                 self._nft("add", "chain", *table, hook,
                           f"{{ type filter hook {hook} priority 0 ; }}")
-                for side in ("sport", "dport"):
-                    self._nft("add", "rule", *table, hook, "tcp", side, str(self.port), "drop")
+                for ip, tcp in (("saddr", "sport"), ("daddr", "dport")):
+                    self._nft("add", "rule", *table, hook, "ip", ip, self.address,
+                              "tcp", tcp, str(self.port), "drop")
         except BaseException:
             self.__exit__(None, None, None)
             raise

@@ -220,7 +220,8 @@ def test_a_client_whose_network_vanishes_is_dropped_through_the_proxy(cluster: C
     assert alice.ws is not None
     alice.send({"type": "HEARTBEAT"})
     time.sleep(0.2)
-    with Vanish(alice.ws.socket.getsockname()[1]):
+    address, port = alice.ws.socket.getsockname()[:2]
+    with Vanish(port, address):
         started = time.monotonic()
         assert bob.recv(timeout=12) == {"type": "LEAVE", "src": "alice"}
         took = time.monotonic() - started

@@ -267,7 +267,8 @@ def test_a_peer_whose_network_vanishes_is_dropped_within_5s(
             assert recv_json(a) == {"type": "OPEN"} and recv_json(b) == {"type": "OPEN"}
             a.send(json.dumps({"type": "HEARTBEAT"}))
             time.sleep(0.2)
-            with Vanish(a.socket.getsockname()[1]):
+            address, port = a.socket.getsockname()[:2]
+            with Vanish(port, address):
                 started = time.monotonic()
                 assert recv_json(b, timeout=10) == {"type": "LEAVE", "src": "alice"}
                 took = time.monotonic() - started
