@@ -1140,7 +1140,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--max-interference", type=float, default=25.0,
                     help="measure a scenario again if other processes used more than this "
                          "%% of a CPU during its window")
-    ap.add_argument("--max-steal", type=float, default=3.0,
+    ap.add_argument("--max-steal", type=float, default=1.0,
                     help="measure a scenario again if the hypervisor took more than this "
                          "%% of the server's or the generator's CPU during its window (steal)")
     ap.add_argument("--retries", type=int, default=None,
