@@ -8,7 +8,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import re
-import socket
 from time import perf_counter
 from typing import Any
 from urllib.parse import parse_qs
@@ -76,41 +75,6 @@ def write_now(transport: Any, data: bytes) -> None:
         if isinstance(sent, int):
             data = data[sent:]
     transport.write(data)
-
-
-def keep_alive(holder: Any, seconds: int) -> bool:
-    """Let the kernel drop a connection once the peer's host has answered nothing for
-    ``seconds`` - 1 (a second is left for the kernel's timers, which run late by up to a
-    tenth of a second each): TCP keepalive probes from ``seconds`` - 3 of silence on, one
-    a second, and a TCP user timeout that also bounds data left unacknowledged. A live
-    peer has two probes to answer, and two seconds to do it.
-
-    ``holder`` is a listening port (the sockets it accepts inherit the options, on Linux,
-    at no cost per connection) or a connection, under TLS or not: the socket is found
-    under the transports that wrap it. Returns whether a TCP socket was found.
-
-    A live peer's kernel answers the probes (as a browser answers WebSocket pings, without
-    any page code), so this costs the server no wakeup, where a WebSocket ping costs a send,
-    a receive and two trips through Python per peer per heartbeat.
-    """
-    while holder is not None:
-        sock = getattr(holder, "socket", None)
-        if isinstance(sock, socket.socket):
-            break
-        holder = getattr(holder, "transport", None)
-    else:
-        return False
-    if sock.family not in (socket.AF_INET, socket.AF_INET6):
-        return False
-    idle = max(1, seconds - 3)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-    for name, value in (("TCP_KEEPIDLE", idle), ("TCP_KEEPINTVL", 1),
-                        ("TCP_KEEPCNT", max(1, seconds - 1 - idle)),
-                        ("TCP_USER_TIMEOUT", (seconds - 1) * 1000)):
-        option = getattr(socket, name, None)
-        if option is not None:  # all four on Linux
-            sock.setsockopt(socket.IPPROTO_TCP, option, value)
-    return True
 
 
 def _first(params: dict[str, list[str]], name: str) -> str:

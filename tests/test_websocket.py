@@ -23,8 +23,8 @@ from twisted.python.failure import Failure
 
 from peersig.config import Config
 from peersig.rooms import Hub
-from peersig.service import KeepAliveEndpoint, make_service, make_site
-from peersig.websocket import PeerProtocol, keep_alive, make_factory
+from peersig.service import KeepAliveEndpoint, keep_alive, make_service, make_site
+from peersig.websocket import PeerProtocol, make_factory
 
 from .fakes import World
 
@@ -383,14 +383,12 @@ def test_keepalive_is_left_out_when_off() -> None:
     assert endpoints == [TCP4ServerEndpoint, KeepAliveEndpoint]
 
 
-def test_keepalive_finds_the_socket_under_tls() -> None:
+def test_keepalive_applies_to_tcp_sockets_only() -> None:
     with socket.socket() as sock:
-        tls = SimpleNamespace(transport=SimpleNamespace(socket=sock))  # TLSMemoryBIOProtocol
-        assert keep_alive(tls, 9)
+        assert keep_alive(sock, 9)
         assert keepalive_of(sock) == (1, 6, 1, 8000)
-    assert not keep_alive(SimpleNamespace(transport=None), 5)  # no socket: nothing to do
     with socket.socket(socket.AF_UNIX) as unix:
-        assert not keep_alive(SimpleNamespace(socket=unix), 5)
+        assert not keep_alive(unix, 5)
 
 
 # -- the lean opening handshake (PeerProtocol._open) answers as Autobahn does ---------------
