@@ -34,7 +34,8 @@ class Config:
     allowed_origins: tuple[str, ...] = field(default_factory=tuple)
     secret: bytes | None = None
     authorizer: IPeerAuthorizer = field(default_factory=OpenAuthorizer)
-    bad_frame_limit: int = 10
+    bad_frame_limit: int = 10  # more bad frames than this within bad_frame_window: cut
+    bad_frame_window: float = 10.0
     drain_timeout: float = 5.0
     handshake_timeout: float = 5.0
     log_peers: bool = False

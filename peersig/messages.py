@@ -130,18 +130,97 @@ def parse_frame(data: bytes) -> Inbound:
             known = type(kind) is str and kind in CLIENT_TYPES
             raise BadFrame("no_dst" if known else "bad_type") from None
         raise BadFrame("bad_type" if "`$.type" in where else "not_object") from None
-    except (msgspec.DecodeError, RecursionError):
+    except msgspec.DecodeError:
+        if _SURROGATE_ESCAPE.search(data) is None:
+            raise BadFrame("bad_json") from None
+        return _parse_lenient(data)
+    except RecursionError:
         raise BadFrame("bad_json") from None
-    mtype = frame.type
+    return _inbound(frame.type, frame.dst, frame.payload)
+
+
+def _inbound(mtype: object, dst: object, payload: msgspec.Raw | bytes) -> Inbound:
     if type(mtype) is not str or mtype not in CLIENT_TYPES:
         raise BadFrame("bad_type")
     if mtype == HEARTBEAT:
         return Inbound(HEARTBEAT, None, None)
-    dst = frame.dst
     if type(dst) is not str or not dst:
         raise BadFrame("no_dst")
-    payload = frame.payload
     return Inbound(mtype, dst, None if payload is _ABSENT else bytes(payload))
+
+
+# A \uD800-\uDFFF escape: JSON.stringify writes a lone surrogate so (ECMA-262 since
+# ES2019, "well-formed JSON.stringify"), and RFC 8259 (section 8.2) lets a parser take it;
+# msgspec refuses it, Python's json module takes it.
+_SURROGATE_ESCAPE: Final = re.compile(rb"\\u[dD][89a-fA-F]")
+_skip_whitespace: Final = re.compile(r"[ \t\n\r]*").match
+
+
+def _no_constant(name: str) -> object:
+    raise ValueError(f"{name} is not JSON")  # NaN, Infinity and -Infinity
+
+
+_lenient: Final = json.JSONDecoder(parse_constant=_no_constant)
+
+
+def _parse_lenient(data: bytes) -> Inbound:
+    """``parse_frame`` for a frame that msgspec refused and that holds a surrogate escape:
+    the same verdicts, by Python's json module, and the payload's own bytes.
+
+    Only the envelope is ours to judge: an app's strings (a display name cut in the middle
+    of an emoji) are relayed as the browser wrote them.
+    """
+    text = data.decode("utf-8")  # checked by parse_frame
+    try:
+        members = _members(text)
+    except (ValueError, RecursionError):
+        raise BadFrame("bad_json") from None
+    if members is None:
+        raise BadFrame("not_object")
+    mtype = members.get("type", (None, 0, 0))[0]
+    dst = members.get("dst", (None, 0, 0))[0]
+    if "payload" not in members:
+        return _inbound(mtype, dst, _ABSENT)
+    _, start, end = members["payload"]
+    return _inbound(mtype, dst, text[start:end].encode())
+
+
+def _skip(text: str, pos: int) -> int:
+    return _skip_whitespace(text, pos).end()  # type: ignore[union-attr]  # always matches
+
+
+def _members(text: str) -> dict[str, tuple[object, int, int]] | None:
+    """The top-level object of a JSON text: each member's name, value, and where the value
+    is in ``text`` (start, end); the last of a repeated name wins. None for JSON that is
+    not an object. Raises ValueError for text that is not JSON."""
+    scan = _lenient.raw_decode
+    pos = _skip(text, 0)
+    if not text.startswith("{", pos):
+        _lenient.decode(text)
+        return None
+    members: dict[str, tuple[object, int, int]] = {}
+    pos = _skip(text, pos + 1)
+    closed = text.startswith("}", pos)
+    while not closed:
+        if not text.startswith('"', pos):
+            raise ValueError("a member name must be a string")
+        name, pos = scan(text, pos)
+        pos = _skip(text, pos)
+        if not text.startswith(":", pos):
+            raise ValueError("':' expected")
+        start = _skip(text, pos + 1)
+        value, pos = scan(text, start)
+        members[name] = (value, start, pos)
+        pos = _skip(text, pos)
+        if text.startswith(",", pos):
+            pos = _skip(text, pos + 1)
+        elif text.startswith("}", pos):
+            closed = True
+        else:
+            raise ValueError("',' or '}' expected")
+    if _skip(text, pos + 1) != len(text):
+        raise ValueError("text after the object")
+    return members
 
 
 OPEN_FRAME: Final = b'{"type":"OPEN"}'

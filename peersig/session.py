@@ -41,7 +41,7 @@ MAX_CONTACTS = 64
 class Session:
     __slots__ = (
         "address",
-        "bad_frames",
+        "bad_until",
         "connected_at",
         "contacts",
         "drop_reasons",
@@ -83,7 +83,7 @@ class Session:
         self.refilled_at = now
         self.limited_since = 0.0
         self.last_drop = -1e18
-        self.bad_frames = 0
+        self.bad_until = now
         self.contacts: set[str] | None = None
         self.drop_reasons: set[str] | None = None
 
@@ -115,7 +115,7 @@ class Session:
         try:
             msg = parse_frame(data)
         except BadFrame as e:
-            hub.bad_frame(self, e.reason)
+            hub.bad_frame(self, e.reason, now)
             return
         if msg.type == HEARTBEAT:
             hub.stats.received[HEARTBEAT] += 1

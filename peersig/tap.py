@@ -109,7 +109,20 @@ class Options(usage.Options):
         self["port"] = []
         self["allowed-origin"] = []
         self._cli_lists: set[str] = set()
-        self._apply_environment(os.environ)
+
+    def parseOptions(self, options: list[str] | None = None) -> None:
+        """The environment, then the command line, then the checks of ``postOptions``.
+
+        A usage error ends the process with status 1 and the error on stderr, on every
+        supported Twisted: twistd before 26.10 printed it and exited 0, which systemd takes
+        for a good start.
+        """
+        try:
+            self._apply_environment(os.environ)
+            super().parseOptions(options)
+        except usage.UsageError as e:
+            message = f"twistd peersig: {e}\n(twistd peersig --help lists the options)"
+            raise SystemExit(message) from None
 
     def opt_port(self, description: str) -> None:
         """Twisted endpoint to listen on (repeatable) [default: tcp:9000]"""

@@ -75,7 +75,10 @@ class ReloadingTLS:
         return True
 
     def serverConnectionForTLS(self, tlsProtocol: Any) -> SSL.Connection:
-        return self.options.serverConnectionForTLS(tlsProtocol)
+        # A connection on the options' cached context, as Twisted makes one from any
+        # context factory: CertificateOptions has its own serverConnectionForTLS only since
+        # Twisted 26.4, and calling it on 24.7 reset every TLS connection.
+        return SSL.Connection(self.options.getContext(), None)
 
 
 def split_description(description: str) -> tuple[list[str], dict[str, str]]:

@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import ipaddress
 import re
+from collections.abc import Mapping
 from time import perf_counter
 from typing import Any
-from urllib.parse import parse_qs
+from urllib.parse import parse_qs, urlsplit
 
 import autobahn.util
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
@@ -34,18 +36,56 @@ log = Logger()
 autobahn.util._HAS_CLICK = False
 
 
-def client_address(peer_host: str, headers: dict[str, str], trusted_proxies: int) -> str:
+def client_address(peer_host: str, headers: Mapping[str, str], trusted_proxies: int) -> str:
     """The client's address: the TCP peer, or with ``trusted_proxies`` N the address N hops
-    back in X-Forwarded-For (each trusted proxy appended the one before it)."""
-    if trusted_proxies <= 0:
-        return peer_host
-    forwarded = headers.get("x-forwarded-for")
-    if not forwarded:
-        return peer_host
-    hops = [h.strip() for h in forwarded.split(",") if h.strip()]
-    if not hops:
-        return peer_host
-    return hops[-trusted_proxies] if len(hops) >= trusted_proxies else hops[0]
+    back in X-Forwarded-For (each trusted proxy appended the one before it).
+
+    Every address is in one canonical form, however a proxy wrote it, so that a client
+    counts once against ``--max-peers-per-ip``: a hop may carry a port (``ip:port``,
+    ``[ipv6]:port``), quotes or brackets, upper-case or uncompressed IPv6, or an IPv4 client
+    as IPv4-mapped IPv6 (as a dual-stack socket also gives it). A hop that is not an
+    address (``unknown``, an RFC 7239 obfuscated name) gives the TCP peer, logged once.
+    """
+    if trusted_proxies > 0:
+        forwarded = headers.get("x-forwarded-for", "")
+        hops = [h.strip() for h in forwarded.split(",") if h.strip()]
+        if hops:
+            hop = hops[-trusted_proxies] if len(hops) >= trusted_proxies else hops[0]
+            address = canonical_address(hop)
+            if address is not None:
+                return address
+            _unreadable_hop(hop)
+    if peer_host.startswith("::ffff:"):
+        return canonical_address(peer_host) or peer_host
+    return peer_host
+
+
+def canonical_address(text: str) -> str | None:
+    """The IP address in one X-Forwarded-For hop, as ``ipaddress`` writes it, or None."""
+    text = text.strip('"')
+    if text.startswith("["):  # [2001:db8::7] or [2001:db8::7]:50001
+        text, bracket, _port = text[1:].partition("]")
+        if not bracket:
+            return None
+    elif text.count(":") == 1:
+        text = text.partition(":")[0]  # 203.0.113.7:50001
+    try:
+        ip = ipaddress.ip_address(text)
+    except ValueError:
+        return None
+    mapped = ip.ipv4_mapped if isinstance(ip, ipaddress.IPv6Address) else None
+    return str(mapped or ip)
+
+
+_hop_logged = False
+
+
+def _unreadable_hop(hop: str) -> None:
+    global _hop_logged
+    if not _hop_logged:
+        _hop_logged = True
+        log.warn("an X-Forwarded-For hop is not an address ({hop}): the TCP peer counts as "
+                 "the client instead (logged once; check --trusted-proxies)", hop=hop[:80])
 
 
 def unmask(mask: bytes, payload: bytes) -> bytes:
@@ -77,9 +117,41 @@ def write_now(transport: Any, data: bytes) -> None:
     transport.write(data)
 
 
-def _first(params: dict[str, list[str]], name: str) -> str:
+def _first(params: Mapping[str, list[str]], name: str) -> str:
     values = params.get(name)
     return values[0] if values else ""
+
+
+def not_an_upgrade(params: Mapping[str, list[str]]) -> str:
+    """What a plain HTTP request for ``{path}peerjs`` is told, with status 400: the query
+    parameters a PeerJS client sends that it lacks, or that a WebSocket upgrade is needed."""
+    missing = [name for name in ("key", "id", "token") if not _first(params, name)]
+    if missing:
+        return (f"Missing query parameters: {', '.join(missing)} "
+                "(a PeerJS client's WebSocket connects here)")
+    return "Expected a WebSocket upgrade (a PeerJS client's WebSocket connects here)"
+
+
+def hide_origin(head: str) -> tuple[str, str | None, bool]:
+    """``head`` (a request head, read as ISO-8859-1) with its one Origin header made a line
+    Autobahn's parser skips (one starting with ':'), that header's value, and whether the
+    head has an Upgrade header. Lines are split and headers named as Autobahn's parser does
+    it. Two Origin headers are left in place, for Autobahn to refuse."""
+    lines = head.splitlines(keepends=True)
+    origins, upgrade = [], False
+    for number, line in enumerate(lines[1:], 1):
+        colon = line.find(":")
+        if colon > 0:
+            name = line[:colon].strip().lower()
+            if name == "origin":
+                origins.append(number)
+            elif name == "upgrade":
+                upgrade = True
+    if len(origins) != 1:
+        return head, None, upgrade
+    line = lines[origins[0]]
+    lines[origins[0]] = line[line.find(":"):]
+    return "".join(lines), line[line.find(":") + 1:].strip(), upgrade
 
 
 # The largest upgrade request head accepted: Twisted's HTTP parser takes 16 KiB of header
@@ -105,7 +177,6 @@ _NONE_WHILE_OPEN = (
 
 # What a browser's upgrade request holds, in the form the lean opening handshake takes; any
 # other value goes to Autobahn, which judges it.
-_PLAIN_ORIGIN = re.compile(r"https?://[A-Za-z0-9.-]+(:[0-9]{1,5})?")
 _PLAIN_KEY = re.compile(r"[A-Za-z0-9+/]{22}==")
 _PLAIN_EXTENSIONS = ("permessage-deflate; client_max_window_bits", "permessage-deflate")
 _WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
@@ -137,6 +208,8 @@ class PeerProtocol(WebSocketServerProtocol):
     handshake_deadline: IDelayedCall | None = None
     # The 101 of a lean opening handshake (_open), until the first frame takes it along.
     _opening = b""
+    # The Origin header of a request that Autobahn handshakes, until onConnect judges it.
+    hidden_origin: str | None = None
     # Autobahn's protocol options, which make_factory puts on the class.
     trustXForwardedFor: int
     maxConnections: int
@@ -164,7 +237,10 @@ class PeerProtocol(WebSocketServerProtocol):
         cfg = self.hub.config
         if self.hub.draining:
             raise ConnectionDeny(503, "Server is draining")
-        if not cfg.origin_allowed(request.origin):
+        # The allowlist is the only judge of an Origin: any value opens without one, and
+        # exactly the listed ones (null and file:// too) with one.
+        origin = self.__dict__.pop("hidden_origin", None) or request.origin
+        if not cfg.origin_allowed(origin):
             raise ConnectionDeny(403, "Origin not allowed")
         params = request.params
         assert self.transport is not None
@@ -173,8 +249,34 @@ class PeerProtocol(WebSocketServerProtocol):
         )
         self.join_request = JoinRequest(
             _first(params, "key"), _first(params, "id"), _first(params, "token"), address,
-            request.origin or "",
+            origin,
         )
+
+    def processHandshake(self) -> None:
+        """Autobahn's opening handshake, with two things left to peersig.
+
+        Autobahn parses an Origin as a URL and refuses what it cannot parse (``capacitor:``
+        without a host, an empty value) and ``null`` (the Origin of a page opened from a
+        file); with ``setProtocolOptions`` its null flag is switched off again. So Autobahn
+        is shown the request without its Origin header, and ``onConnect`` judges it.
+        A request without an Upgrade header (a newcomer's address bar) gets a 400 whose body
+        says what ``not_an_upgrade`` says, where Autobahn would answer its status page (or,
+        with that off, a bare 426 on newer versions and 400 on older).
+        """
+        end = self.data.find(b"\r\n\r\n")
+        if end >= 0:
+            head, self.hidden_origin, upgrade = hide_origin(self.data[:end].decode("iso-8859-1"))
+            if not upgrade:
+                target = head.partition("\n")[0].split()
+                query = urlsplit(target[1]).query if len(target) == 3 else ""
+                body = not_an_upgrade(parse_qs(query)).encode()
+                self.sendData(b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain; "
+                              b"charset=utf-8\r\nContent-Length: %d\r\nConnection: close"
+                              b"\r\n\r\n%s" % (len(body), body))
+                self.dropConnection(abort=False)
+                return
+            self.data = head.encode("iso-8859-1") + self.data[end:]
+        super().processHandshake()
 
     def onOpen(self) -> None:
         req = self.join_request
@@ -262,7 +364,7 @@ class PeerProtocol(WebSocketServerProtocol):
 
         It makes Autobahn's checks, in Autobahn's way, on requests of the usual form. Any
         other request (incomplete, repeated or unusual headers, a subprotocol, an unusual
-        origin, key or extension offer) and any request onConnect refuses is left to
+        key or extension offer) and any request onConnect refuses is left to
         Autobahn: False, nothing done, and Autobahn answers it as it always has.
         """
         end = data.find(b"\r\n\r\n")
@@ -291,7 +393,6 @@ class PeerProtocol(WebSocketServerProtocol):
         extensions = headers.get("sec-websocket-extensions")
         if (host is None or headers.get("sec-websocket-version") != "13"
                 or "sec-websocket-protocol" in headers or not _PLAIN_KEY.fullmatch(key)
-                or (origin is not None and not _PLAIN_ORIGIN.fullmatch(origin))
                 or (extensions is not None and extensions not in _PLAIN_EXTENSIONS)
                 or "websocket" not in [v.strip().lower() for v in
                                        headers.get("upgrade", "").split(",")]

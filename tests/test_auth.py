@@ -97,8 +97,8 @@ def test_unknown_authorizer_is_a_usage_error(tmp_path: Path) -> None:
     proc = ServerProcess(tmp_path, ["--auth", "nonsense"])
     result = subprocess.run(proc.command(), env=proc.environment(), capture_output=True,
                             text=True, timeout=30)
-    assert result.returncode != 0
-    assert "--auth nonsense: no such authorizer (found: hmac, open)" in result.stdout
+    assert result.returncode == 1
+    assert "--auth nonsense: no such authorizer (found: hmac, open)" in result.stderr
 
 
 @pytest.fixture(scope="module")

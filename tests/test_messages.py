@@ -32,7 +32,13 @@ def _short(value: object) -> str:
         (b'{"type":7}', "bad_type"),
         (b'{"type":["OFFER"],"dst":"b"}', "bad_type"),  # found by fuzzing: unhashable
         (b'{"type":{}}', "bad_type"),
-        (b'{"type":"OFFER","dst":"b","payload":"\\ud800"}', "bad_json"),  # not Unicode text
+        (b'{"type":"OFFER","dst":"b","payload":"\\ud800",}', "bad_json"),
+        (b'{"type":"OFFER","dst":"b","payload":"\\ud800"} x', "bad_json"),
+        (b'{"type":"OFFER","dst":"b","payload":["\\ud800",NaN]}', "bad_json"),
+        (b'{"type":"OFFER","dst":"b","payload":"\\ud800\x01"}', "bad_json"),  # raw control
+        (b'["\\udc00"]', "not_object"),
+        (b'{"type":"OF\\ud800","dst":"b"}', "bad_type"),
+        (b'{"type":"OFFER","dst":0,"x":"\\ud800"}', "no_dst"),
         (b'{"type":"OFFER"}', "no_dst"),
         (b'{"type":"ANSWER","dst":""}', "no_dst"),
         (b'{"type":"CANDIDATE","dst":["a"]}', "no_dst"),
@@ -104,3 +110,35 @@ def test_valid_rooms(good: str) -> None:
 @pytest.mark.parametrize("bad", ["", "x" * 129, "a b", "a~b", "a/b", "é", "a\n"])
 def test_invalid_rooms(bad: str) -> None:
     assert not messages.valid_room(bad)
+
+
+# A display name cut in the middle of an emoji: JSON.stringify writes the lone surrogate as
+# an escape (ECMA-262 since ES2019). Once dropped as bad JSON (issue 17).
+CUT_EMOJI = (b'{"type":"OFFER","dst":"callee","payload":{"type":"data","connectionId":"dc_1",'
+             b'"metadata":{"name":"Ana \\ud83d"},"sdp":{"type":"offer","sdp":"v=0\\r\\n"}}}')
+
+
+@pytest.mark.parametrize("payload", [
+    b'{"name":"Ana \\ud83d"}',
+    b'"\\udc00"',
+    b'"\\uDE00\\uD83D"',  # the wrong order: two lone surrogates
+    b'{"\\ud800":["\\udbff", 1e400, "\\u0000", "\xe2\x80\xa8"]}',
+    b' [ "\\ud83d\\ude00" , "\\ud83d" ] ',  # whitespace around the payload is the client's
+    '"\\ud800 \u00e9 \U0001f600"'.encode(),
+])
+def test_lone_surrogates_in_a_payload_are_relayed_as_written(payload: bytes) -> None:
+    frame = b'{"type":"OFFER","dst":"bob","payload":' + payload + b',"src":"x\\udfff"}'
+    msg = parse_frame(frame)
+    assert (msg.type, msg.dst, msg.payload) == ("OFFER", "bob", payload.strip())
+
+
+def test_the_cut_emoji_offer_is_relayed_byte_for_byte() -> None:
+    msg = parse_frame(CUT_EMOJI)
+    out = messages.relay_frame(msg.type, "caller", msg.dst, msg.payload)
+    assert out == (b'{"type":"OFFER","src":"caller","dst":"callee",'
+                   + CUT_EMOJI[CUT_EMOJI.index(b'"payload"'):])
+
+
+def test_a_lone_surrogate_in_dst_is_a_destination_like_any_other() -> None:
+    msg = parse_frame(b'{"type":"OFFER","dst":"b\\ud800","payload":"\\ud800"}')
+    assert (msg.dst, msg.payload) == ("b\ud800", b'"\\ud800"')

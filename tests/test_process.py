@@ -67,6 +67,28 @@ def test_help_lists_every_option_with_its_default() -> None:
         assert option in flat
 
 
+@pytest.mark.parametrize(("args", "environment", "error"), [
+    (["--bogus"], {}, "option --bogus not recognized"),
+    (["--room-size", "-1"], {}, "must not be negative"),
+    (["--room-by", "room"], {}, "must be one of token, key, none"),
+    (["--keepalive", "1"], {}, "must be 0 (off) or at least 3"),
+    (["--ping-interval", "9"], {}, "--alive-timeout must exceed"),
+    (["--auth", "nonsense"], {}, "no such authorizer"),
+    (["--auth", "hmac"], {}, "--auth hmac needs --secret-file"),
+    (["--secret-file", "/nonexistent/secret"], {}, "--secret-file"),
+    ([], {"PEERSIG_ROOM_SIZE": "four"}, "PEERSIG_ROOM_SIZE='four'"),
+])
+def test_an_invalid_option_exits_1_with_the_reason(tmp_path: Path, args: list[str],
+                                                    environment: dict[str, str],
+                                                    error: str) -> None:
+    # systemd takes exit status 0 for a good start (twistd before 26.10 exited 0).
+    proc = ServerProcess(tmp_path, args)
+    result = subprocess.run(proc.command(), env={**proc.environment(), **environment},
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 1, result
+    assert error in result.stderr and "Traceback" not in result.stderr, result.stderr
+
+
 def test_open_relay_with_forced_src_and_leave_on_close(server: ServerProcess) -> None:
     with connect(server.ws_url("alice")) as a, connect(server.ws_url("bob")) as b:
         assert a.recv(timeout=5) == '{"type":"OPEN"}'
@@ -220,6 +242,90 @@ def test_disallowed_origin_cannot_open_a_websocket(tmp_path: Path) -> None:
         assert "Access-Control-Allow-Origin" not in headers
     finally:
         proc.stop()
+
+
+# -- what browsers, app shells and proxies send (issue 17) ----------------------------------
+
+FIELD_ORIGINS = ["null", "file://", "capacitor://localhost", "app://", "https://game.example"]
+
+
+def test_any_origin_opens_without_an_allowlist(server: ServerProcess) -> None:
+    for n, origin in enumerate(FIELD_ORIGINS):
+        with connect(server.ws_url(f"origin{n}"), origin=origin) as ws:  # type: ignore[arg-type]
+            assert recv_json(ws) == {"type": "OPEN"}, origin
+        _status, headers, _ = server.get("/peerjs/id", {"Origin": origin})
+        assert headers["Access-Control-Allow-Origin"] == origin
+
+
+def test_an_allowlist_opens_exactly_its_origins(tmp_path: Path) -> None:
+    proc = ServerProcess(tmp_path, ["--allowed-origin", "null", "--allowed-origin", "file://"])
+    proc.start()
+    try:
+        for n, origin in enumerate(FIELD_ORIGINS):
+            if origin in ("null", "file://"):
+                with connect(proc.ws_url(f"o{n}"), origin=origin) as ws:  # type: ignore[arg-type]
+                    assert recv_json(ws) == {"type": "OPEN"}, origin
+            else:
+                with pytest.raises(InvalidStatus) as e:
+                    connect(proc.ws_url(f"o{n}"), origin=origin)  # type: ignore[arg-type]
+                assert e.value.response.status_code == 403, origin
+            _status, headers, _ = proc.get("/peerjs/id", {"Origin": origin})
+            assert (headers.get("Access-Control-Allow-Origin") == origin) == (
+                origin in ("null", "file://")), origin
+    finally:
+        proc.stop()
+
+
+def test_the_websocket_url_opened_in_a_browser_names_the_missing_parameters(
+        server: ServerProcess) -> None:
+    status, headers, body = server.get("/peerjs")
+    assert (status, headers["Content-Type"]) == (400, "text/plain; charset=utf-8")
+    assert body.startswith(b"Missing query parameters: key, id, token (")
+    status, _headers, body = server.get("/peerjs?key=peerjs&id=a")
+    assert status == 400 and body.startswith(b"Missing query parameters: token (")
+
+
+@pytest.mark.parametrize("hops", [
+    ["203.0.113.7:50001", "203.0.113.7:50002", "203.0.113.7:50003"],
+    ["[2001:db8::7]:50001", "2001:DB8:0:0::7", '"[2001:db8::7]"'],
+    ["203.0.113.7", "::ffff:203.0.113.7", "[::ffff:203.0.113.7]:443"],
+])
+def test_a_client_counts_once_however_its_proxy_writes_it(tmp_path: Path,
+                                                          hops: list[str]) -> None:
+    proc = ServerProcess(tmp_path, ["--trusted-proxies", "1", "--max-peers-per-ip", "2"])
+    proc.start()
+    try:
+        opened = []
+        for n, hop in enumerate(hops):
+            ws = connect(proc.ws_url(f"p{n}"),
+                         additional_headers={"X-Forwarded-For": f"198.51.100.1, {hop}"})
+            opened.append(ws)
+            reply = recv_json(ws)
+            if n < 2:
+                assert reply == {"type": "OPEN"}, hop
+            else:
+                assert reply == {"type": "ERROR", "payload": {
+                    "msg": "Too many connections from your address"}}, hop
+        # Another client behind the same proxy still gets in.
+        with connect(proc.ws_url("other"),
+                     additional_headers={"X-Forwarded-For": "192.0.2.55:1234"}) as ws:
+            assert recv_json(ws) == {"type": "OPEN"}
+        for ws in opened:
+            ws.close()
+    finally:
+        proc.stop()
+
+
+def test_a_cut_emoji_in_an_offer_reaches_the_callee_byte_for_byte(server: ServerProcess) -> None:
+    offer = ('{"type":"OFFER","dst":"callee","payload":{"type":"data","connectionId":"dc_1",'
+             '"metadata":{"name":"Ana \\ud83d"},"sdp":{"type":"offer","sdp":"v=0\\r\\n"}}}')
+    with connect(server.ws_url("caller", token="emoji")) as a, \
+            connect(server.ws_url("callee", token="emoji")) as b:
+        recv_json(a), recv_json(b)
+        a.send(offer)
+        got = b.recv(timeout=5)
+        assert got == ('{"type":"OFFER","src":"caller","dst":"callee",'
+                       + offer[offer.index('"payload"'):])
 
 
 def test_bursts_to_a_slow_reader_arrive_whole_and_in_order(tmp_path: Path) -> None:

@@ -403,6 +403,38 @@ def test_garbage_is_tolerated_then_closed_1008_without_error_frame() -> None:
         3, 2, 4, 2)
 
 
+def test_bad_frames_cut_a_peer_only_in_a_spell() -> None:
+    # Eleven bad frames over an hours-long game are the app's odd mistakes, not an attack:
+    # only more than ten within ten seconds cut the peer (issue 17).
+    w = World(rate_limit=0)
+    a = w.connect("alice")
+    w.connect("bob")
+    for _ in range(60):  # one a second for a minute: never more than ten in ten seconds
+        w.send(a, b"{not json")
+        w.clock.advance(1.0)
+    assert a.closed is None
+    for _ in range(10):  # a burst of ten, after the minute: still no spell
+        w.send(a, b"{not json")
+    assert a.closed is None
+    w.clock.advance(5.0)  # half the window later, half of the burst is forgotten
+    for _ in range(5):
+        w.send(a, b"{not json")
+    assert a.closed is None
+    w.send(a, b"{not json")  # the eleventh within ten seconds
+    assert a.closed == (m.CLOSE_POLICY, "Too many invalid messages")
+
+
+@pytest.mark.parametrize(("limit", "window"), [(10, 10.0), (3, 1.0), (7, 0.3)])
+def test_the_bad_frame_spell_is_exactly_more_than_the_limit(limit: int, window: float) -> None:
+    for burst, cut in ((limit, False), (limit + 1, True)):
+        w = World(rate_limit=0, bad_frame_limit=limit, bad_frame_window=window)
+        a = w.connect("alice")
+        for _ in range(burst):
+            w.clock.advance(window / limit / 1000)  # all well within the window
+            w.send(a, b"[]")
+        assert (a.closed is not None) == cut, (burst, cut)
+
+
 def test_rate_limit_drops_excess_then_cuts_a_persistent_flooder() -> None:
     w = World(rate_limit=10)
     a = w.connect("alice")

@@ -82,7 +82,30 @@ def test_token_command(tmp_path: object, capsys: pytest.CaptureFixture[str]) -> 
     (3, "1.1.1.1", "1.1.1.1"),
     (1, "", "10.0.0.9"),
     (1, None, "10.0.0.9"),
+    # However a proxy writes a hop, one client is one address (issue 17).
+    (1, "203.0.113.7:50001", "203.0.113.7"),
+    (2, "6.6.6.6:1, 1.1.1.1:2, 2.2.2.2:3", "1.1.1.1"),
+    (1, "[2001:db8::7]:50001", "2001:db8::7"),
+    (1, "[2001:db8::7]", "2001:db8::7"),
+    (1, '"[2001:db8::7]:50001"', "2001:db8::7"),
+    (1, "2001:DB8:0:0:0:0:0:7", "2001:db8::7"),
+    (1, "::ffff:203.0.113.7", "203.0.113.7"),
+    (1, "[::ffff:cb00:7107]:443", "203.0.113.7"),
+    (1, " 1.1.1.1 ", "1.1.1.1"),
+    (1, "fe80::1%eth0", "fe80::1%eth0"),
+    # Not an address: the TCP peer.
+    (1, "unknown", "10.0.0.9"),
+    (1, "_hidden", "10.0.0.9"),
+    (1, "1.1.1", "10.0.0.9"),
+    (1, "[2001:db8::7", "10.0.0.9"),
+    (1, "1.1.1.1:80:90", "10.0.0.9"),
+    (1, "example.com:80", "10.0.0.9"),
 ])
 def test_client_address(trusted: int, header: str | None, expected: str) -> None:
     headers = {} if header is None else {"x-forwarded-for": header}
     assert client_address("10.0.0.9", headers, trusted) == expected
+
+
+def test_an_ipv4_client_of_a_dual_stack_socket_is_its_ipv4_address() -> None:
+    assert client_address("::ffff:10.0.0.9", {}, 0) == "10.0.0.9"
+    assert client_address("2001:db8::9", {}, 0) == "2001:db8::9"

@@ -275,13 +275,36 @@ def test_an_upgrade_trickled_byte_by_byte_still_opens(world: World) -> None:
     assert "bob" in world.hub.rooms["room1"].peers
 
 
-@pytest.mark.parametrize("path", [b"/peerjs/id", b"/peerjs", b"/health"])
+@pytest.mark.parametrize("path", [b"/peerjs/id", b"/health"])
 def test_other_requests_are_plain_http(world: World, path: bytes) -> None:
     channel, transport = http_connection(world)
     channel.dataReceived(b"GET " + path + b" HTTP/1.1\r\nHost: x\r\n\r\n")
     assert transport.value().startswith(b"HTTP/1.1 200")
-    # /peerjs without a query still goes to Autobahn, through Root, as before.
-    assert isinstance(transport.protocol, PeerProtocol) == (path == b"/peerjs")
+    assert not isinstance(transport.protocol, PeerProtocol)
+
+
+@pytest.mark.parametrize(("target", "version", "answer"), [
+    # A newcomer opens the WebSocket URL in a browser: no status page, what is missing.
+    ("/peerjs", "HTTP/1.1", b"Missing query parameters: key, id, token ("),
+    ("/peerjs", "HTTP/1.0", b"Missing query parameters: key, id, token ("),  # through Root
+    ("/peerjs/", "HTTP/1.1", None),  # not the WebSocket URL: Root's 404
+    ("/peerjs?key=peerjs&id=a", "HTTP/1.1", b"Missing query parameters: token ("),
+    ("/peerjs?key=peerjs&id=a&token=", "HTTP/1.1", b"Missing query parameters: token ("),
+    ("/peerjs?key=peerjs&id=a&token=t", "HTTP/1.1", b"Expected a WebSocket upgrade ("),
+    # Autobahn's status page would 303-redirect anywhere: no open redirect here.
+    ("/peerjs?redirect=https%3A%2F%2Fevil.example", "HTTP/1.1",
+     b"Missing query parameters: key, id, token ("),
+])
+def test_the_websocket_url_without_an_upgrade_says_what_is_missing(
+        world: World, target: str, version: str, answer: bytes | None) -> None:
+    channel, transport = http_connection(world)
+    channel.dataReceived(f"GET {target} {version}\r\nHost: x\r\n\r\n".encode())
+    if answer is None:
+        assert transport.value().startswith(b"HTTP/1.1 404 ")
+        return
+    head, _, body = transport.value().partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400 Bad Request\r\n") and body.startswith(answer), body
+    assert transport.disconnecting and not world.hub.sessions
 
 
 def test_an_endless_upgrade_head_is_refused(world: World) -> None:
@@ -455,6 +478,75 @@ def test_the_lean_handshake_answers_as_autobahn_does(name: str, config: dict[str
     assert lean == generic
     if name in ("chrome", "firefox", "bare") and not config:
         assert lean[0].startswith(b"HTTP/1.1 101 ") and lean[1]  # taken, and opened
+
+
+# Origins that pages, app shells and extensions send (issue 17): a page opened from a file
+# (Chromium, Firefox), Electron and Cordova on file://, Capacitor, Ionic, Tauri, extensions,
+# custom schemes with and without a host, odd forms a URL parser refuses.
+ORIGINS = ["null", "NULL", "file://", "file:///home/ana/game/index.html",
+           "capacitor://localhost", "ionic://localhost", "tauri://localhost",
+           "https://tauri.localhost", "app://.", "app://", "my-game:", "http://localhost:8100",
+           "chrome-extension://abcdefghijklmnopabcdefghijklmnop", "moz-extension://0a1b-2c3d",
+           "vscode-webview://1abc", "http://[::1]:8080", "https://game.example:99999",
+           "https://Game.Example", "http://x y", ""]
+
+
+def origin_answer(origin: str, lean: bool, monkeypatch: pytest.MonkeyPatch,
+                  **config: Any) -> tuple[bytes, bool]:
+    request = BROWSER.replace("https://game.example", origin)
+    with monkeypatch.context() as m:
+        if not lean:
+            m.setattr(PeerProtocol, "_open", lambda self, data: False)
+        wire, opened, _ = answer(World(**config), request)
+    return wire.partition(b"\r\n")[0], opened
+
+
+@pytest.mark.parametrize("lean", [True, False], ids=["lean", "autobahn"])
+@pytest.mark.parametrize("origin", ORIGINS)
+def test_without_an_allowlist_every_origin_opens(origin: str, lean: bool,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    status, opened = origin_answer(origin, lean, monkeypatch)
+    assert status.startswith(b"HTTP/1.1 101 ") and opened, status
+
+
+@pytest.mark.parametrize("lean", [True, False], ids=["lean", "autobahn"])
+@pytest.mark.parametrize("origin", ORIGINS)
+def test_with_an_allowlist_exactly_the_listed_origins_open(
+        origin: str, lean: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    listed = ("null", "file://", "capacitor://localhost", "app://", "https://game.example")
+    status, opened = origin_answer(origin, lean, monkeypatch, allowed_origins=listed)
+    if origin in listed:
+        assert status.startswith(b"HTTP/1.1 101 ") and opened, status
+    else:
+        assert status == b"HTTP/1.1 403 Origin not allowed" and not opened, status
+
+
+@pytest.mark.parametrize("lean", [True, False], ids=["lean", "autobahn"])
+def test_an_upgrade_without_origin_is_judged_by_the_allowlist_too(
+        lean: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    request = BROWSER.replace("Origin: https://game.example\r\n", "")
+    for config, opens in (({}, True), ({"allowed_origins": ("null",)}, False)):
+        with monkeypatch.context() as m:
+            if not lean:
+                m.setattr(PeerProtocol, "_open", lambda self, data: False)
+            assert answer(World(**config), request)[1] == opens
+    # A made-up header of the name Autobahn is shown the Origin under changes nothing.
+    spoof = request.replace("Pragma", "X-Peersig-Origin: null\r\nOrigin: https://evil.example"
+                                      "\r\nPragma")
+    assert not answer(World(allowed_origins=("null",)), spoof)[1]
+    two = BROWSER.replace("Pragma", "Origin: null\r\nPragma")
+    assert answer(World(allowed_origins=("null",)), two)[0].startswith(b"HTTP/1.1 400 ")
+
+
+@pytest.mark.parametrize("allowed", [(), ("null", "file://")])
+@pytest.mark.parametrize("origin", ["null", "file://", "capacitor://localhost"])
+def test_cors_follows_the_same_allowlist(origin: str, allowed: tuple[str, ...]) -> None:
+    channel, transport = http_connection(World(allowed_origins=allowed))
+    channel.dataReceived(f"GET /peerjs/id HTTP/1.1\r\nHost: x\r\nOrigin: {origin}\r\n"
+                         "\r\n".encode())
+    head = transport.value().partition(b"\r\n\r\n")[0].lower()
+    allowed_here = not allowed or origin in allowed
+    assert (f"access-control-allow-origin: {origin}".encode() in head) == allowed_here, head
 
 
 def test_the_lean_handshake_takes_what_browsers_send(monkeypatch: pytest.MonkeyPatch) -> None:
