@@ -77,7 +77,7 @@ class BadFrame(Exception):
 class Inbound(NamedTuple):
     type: str
     dst: str | None
-    payload: bytes | None  # the payload re-encoded as compact JSON, or None when absent
+    payload: bytes | None  # the payload as the client wrote it, or None when absent
 
 
 _encode = json.JSONEncoder(separators=(",", ":")).encode

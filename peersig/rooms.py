@@ -310,13 +310,14 @@ class Hub:
                      room=session.room.tag, **self._who(session.id, session.address))
 
     def bad_frame(self, session: Session, reason: str, now: float) -> None:
-        """A frame that is not a message we accept. A spell of them, more than
-        ``bad_frame_limit`` within ``bad_frame_window`` seconds, cuts the peer off; the odd
-        one over an hours-long session never does.
+        """A frame that is not a message we accept. A spell of them cuts the peer off; the
+        odd one over an hours-long session never does. The allowance is a bucket of
+        ``bad_frame_limit`` (10) frames that refills at limit/``bad_frame_window`` (one a
+        second): 11 in quick succession cut, one a second never does.
 
-        Counted as a generic cell rate (RFC 2697's token bucket in the form of ATM's GCRA):
-        each bad frame moves ``session.bad_until`` on by one step (window/limit seconds) from
-        no earlier than now, and a peer more than a window ahead is cut (half a step of slack
+        Kept as ATM's generic cell rate algorithm (the token bucket as one timestamp): each
+        bad frame moves ``session.bad_until`` on by one step (window/limit seconds) from no
+        earlier than now, and a peer more than a window ahead is cut (half a step of slack
         absorbs rounding). One float a peer.
         """
         self.stats.drops[reason] += 1

@@ -31,6 +31,17 @@ log = Logger()
 MIN_DRAIN_WINDOW = 1.0
 
 
+# What each --room-by means to a stock PeerJS app, said once at startup: an app that does not
+# set PeerJS's token option gets a random token per Peer, and so in token mode meets no one.
+ROOM_MODES = {
+    "token": "peers meet when they pass the same PeerJS token option; a Peer created "
+             "without one gets a random token and meets no one (--room-by none behaves "
+             "like npm peer)",
+    "key": "peers meet when they pass the same PeerJS key option",
+    "none": "one namespace for every peer with the right key, as in npm peer",
+}
+
+
 def run_sweep(hub: Hub) -> None:
     """One sweep; an error is logged and the next sweep runs as usual."""
     try:
@@ -51,6 +62,9 @@ class PeersigService(MultiService):
 
     def startService(self) -> None:
         super().startService()
+        config = self.hub.config
+        log.info("room mode {room_by}: {meaning}", room_by=config.room_by,
+                 meaning=ROOM_MODES[config.room_by])
         from twisted.internet import reactor
 
         def on_hangup(signum: int, frame: Any) -> None:

@@ -22,6 +22,11 @@ log = Logger()
 _PEM_CERT = re.compile(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.DOTALL)
 
 
+# The one protocol peersig speaks after TLS (WebSocket upgrades are HTTP/1.1), offered in
+# ALPN from the context itself: the site offers none of its own (web.QuietSite).
+ALPN = [b"http/1.1"]
+
+
 class CertificateError(Exception):
     """A certificate or key file is missing, unreadable or not PEM."""
 
@@ -50,6 +55,7 @@ def load_options(private_key: str, cert_key: str, chain: str | None) -> ssl.Cert
             privateKey=pair.privateKey.original,
             certificate=pair.original,
             extraCertChain=extra or None,
+            acceptableProtocols=ALPN,
         )
     except (SSL.Error, ValueError) as e:
         raise CertificateError(f"bad certificate or key ({cert_key}, {private_key}): {e}") from None

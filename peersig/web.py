@@ -12,13 +12,14 @@ from typing import Any, cast
 
 from autobahn.twisted.resource import WebSocketResource
 from twisted.internet.base import DelayedCall
-from twisted.internet.interfaces import IConsumer, IDelayedCall
+from twisted.internet.interfaces import IConsumer, IDelayedCall, ILoggingContext, IProtocolFactory
 from twisted.internet.protocol import connectionDone
 from twisted.protocols.policies import ProtocolWrapper
 from twisted.python.failure import Failure
 from twisted.web.http import HTTPChannel
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
+from zope.interface import implementer_only
 
 from . import __version__
 from .metrics import CONTENT_TYPE, make_registry, render, summary
@@ -229,8 +230,15 @@ class GuardedChannel(HTTPChannel):
         super().connectionLost(reason)
 
 
+@implementer_only(IProtocolFactory, ILoggingContext)
 class QuietSite(Site):
-    """No access log: upgrade URLs carry tokens, and per-request lines cost CPU."""
+    """No access log: upgrade URLs carry tokens, and per-request lines cost CPU.
+
+    It offers no ALPN protocols of its own (Site does, through IProtocolNegotiationFactory):
+    Twisted before 26.4 then sets them on the shared TLS context for every connection, which
+    pyOpenSSL 25 and later refuse once a connection exists, and every wss connection was
+    reset. The context offers HTTP/1.1 itself (``tls.ALPN``).
+    """
 
     protocol = GuardedChannel  # type: ignore[assignment]
     # Set by make_site: PeerJS upgrades go straight to this factory (see GuardedChannel).

@@ -316,13 +316,15 @@ class PeerProtocol(WebSocketServerProtocol):
         """
         if (self.session is None or self.state != self.STATE_OPEN or self.data
                 or self.current_frame is not None or self.inside_message):
-            if self.state == self.STATE_CONNECTING and not self.data and self._open(data):
-                return
-            if self.state == self.STATE_CONNECTING and len(self.data) + len(data) > MAX_HEAD:
-                # Autobahn would buffer a request head without end.
-                self.data = b""
-                self.failHandshake("Request head too large")
-                return
+            if self.state == self.STATE_CONNECTING:
+                if len(self.data) + len(data) > MAX_HEAD:
+                    # Autobahn would buffer a request head without end; the same bound for
+                    # a head that arrives whole.
+                    self.data = b""
+                    self.failHandshake("Request head too large")
+                    return
+                if not self.data and self._open(data):
+                    return
             super().dataReceived(data)
             return
         end = len(data)

@@ -51,6 +51,16 @@ def test_wss_and_certificate_reload_on_sighup(tmp_path: Path) -> None:
     proc.start()
     url = f"wss://127.0.0.1:{tls_port}/peerjs?key=peerjs&id={{}}&token={{}}&version=1.5.5"
     try:
+        # A browser offers ALPN; only HTTP/1.1 is taken (once every connection was reset
+        # on Twisted 24.7 with a current pyOpenSSL; issue 17).
+        for offered, chosen in ((["h2", "http/1.1"], "http/1.1"), (["http/1.1"], "http/1.1"),
+                                ([], None)):
+            context = insecure_context()
+            if offered:
+                context.set_alpn_protocols(offered)
+            with connect(url.format(f"alpn{len(offered)}", "tls"), ssl=context) as ws:
+                assert recv_json(ws) == {"type": "OPEN"}
+                assert ws.socket.selected_alpn_protocol() == chosen  # type: ignore[attr-defined]
         old_a = connect(url.format("a", "tls"), ssl=insecure_context())
         old_b = connect(url.format("b", "tls"), ssl=insecure_context())
         recv_json(old_a), recv_json(old_b)

@@ -276,6 +276,12 @@ def test_an_allowlist_opens_exactly_its_origins(tmp_path: Path) -> None:
         proc.stop()
 
 
+def test_the_startup_log_says_what_the_room_mode_means(server: ServerProcess) -> None:
+    log = server.log_path.read_text()
+    assert ("room mode token: peers meet when they pass the same PeerJS token option; a Peer "
+            "created without one gets a random token and meets no one") in log
+
+
 def test_the_websocket_url_opened_in_a_browser_names_the_missing_parameters(
         server: ServerProcess) -> None:
     status, headers, body = server.get("/peerjs")

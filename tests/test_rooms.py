@@ -405,7 +405,7 @@ def test_garbage_is_tolerated_then_closed_1008_without_error_frame() -> None:
 
 def test_bad_frames_cut_a_peer_only_in_a_spell() -> None:
     # Eleven bad frames over an hours-long game are the app's odd mistakes, not an attack:
-    # only more than ten within ten seconds cut the peer (issue 17).
+    # only a spell cuts the peer (issue 17): a bucket of ten that refills at one a second.
     w = World(rate_limit=0)
     a = w.connect("alice")
     w.connect("bob")
@@ -416,11 +416,11 @@ def test_bad_frames_cut_a_peer_only_in_a_spell() -> None:
     for _ in range(10):  # a burst of ten, after the minute: still no spell
         w.send(a, b"{not json")
     assert a.closed is None
-    w.clock.advance(5.0)  # half the window later, half of the burst is forgotten
+    w.clock.advance(5.0)  # five seconds later, five of the burst are forgotten
     for _ in range(5):
         w.send(a, b"{not json")
     assert a.closed is None
-    w.send(a, b"{not json")  # the eleventh within ten seconds
+    w.send(a, b"{not json")  # one more than the bucket holds
     assert a.closed == (m.CLOSE_POLICY, "Too many invalid messages")
 
 

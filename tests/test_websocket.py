@@ -315,6 +315,15 @@ def test_an_endless_upgrade_head_is_refused(world: World) -> None:
     assert transport.value().startswith(b"HTTP/1.1 400") and transport.disconnecting
 
 
+def test_an_oversize_head_in_one_read_is_refused_too(world: World) -> None:
+    _channel, transport = http_connection(world)
+    request = handshake(query="key=peerjs&id=carol&token=r").replace(
+        b"\r\n\r\n", b"\r\nCookie: " + b"c" * 25000 + b"\r\n\r\n")
+    transport.protocol.dataReceived(request)
+    assert transport.value().startswith(b"HTTP/1.1 400") and transport.disconnecting
+    assert not world.hub.sessions
+
+
 def test_a_big_but_ordinary_head_still_opens(world: World) -> None:
     _channel, transport = http_connection(world)
     request = handshake(query="key=peerjs&id=carol&token=r").replace(

@@ -127,6 +127,14 @@ class StaticSite:
         self._httpd.server_close()
 
 
+def file_site(folder: Path) -> str:
+    """The test page as a page opened from a file (as Electron, Cordova and a double-click
+    open it): copied with its scripts into ``folder``; its file:// URL."""
+    for route, (source, _type) in _PageHandler.routes.items():
+        shutil.copy(source, folder / (route.lstrip("/") or "index.html"))
+    return (folder / "index.html").as_uri()
+
+
 # --- the server under test -----------------------------------------------------------------
 
 
@@ -270,8 +278,9 @@ class PeerTab:
         (folder / f"{self.name}.console.log").write_text("\n".join(log) + "\n")
 
 
-OpenTabs = Callable[[int], list[PeerTab]]
-"""The `tabs` fixture: opens n more tabs with the test page in the test's browser context."""
+OpenTabs = Callable[..., list[PeerTab]]
+"""The `tabs` fixture: ``tabs(n, url=None)`` opens n more tabs with the test page (or the page
+at ``url``) in the test's browser context."""
 
 
 def save_artifacts(

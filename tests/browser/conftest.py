@@ -77,8 +77,9 @@ def tabs(browser: Browser, site: str, request: pytest.FixtureRequest) -> Iterato
     opened: list[PeerTab] = []
     request.node.browser_tabs = opened
 
-    def open_tabs(n: int) -> list[PeerTab]:
-        new = [PeerTab(context.new_page(), f"tab{len(opened) + i}", site) for i in range(n)]
+    def open_tabs(n: int, url: str | None = None) -> list[PeerTab]:
+        new = [PeerTab(context.new_page(), f"tab{len(opened) + i}", url or site)
+               for i in range(n)]
         opened.extend(new)
         return new
 

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import uuid
+from pathlib import Path
 
 import pytest
 from browser_harness import (
@@ -14,6 +15,7 @@ from browser_harness import (
     await_mesh,
     dial_mesh,
     exchange,
+    file_site,
     interfaces,
     open_peers,
 )
@@ -88,6 +90,26 @@ def test_peer_without_id_gets_one_from_the_server(
     dialer.connect(served)
     await_mesh([dialer, anonymous])
     exchange([dialer, anonymous], "anonymous")
+
+
+def test_a_page_opened_from_a_file_connects_to_a_served_page(
+    tabs: OpenTabs, server: PeersigServer, room: str, tmp_path: Path
+) -> None:
+    # Chromium sends Origin: null from a file:// page (Electron and Cordova pages too); once
+    # refused with a 400 after the id request had succeeded (issue 17).
+    local, anonymous = tabs(2, file_site(tmp_path))
+    served, = tabs(1)
+    assert local.page.url.startswith("file:///")
+    open_peers([local, served], server.ws, room, ["filepage0", "served0"])
+    anonymous.start(server.ws, room)  # no id: the id request is CORS from Origin null too
+    anonymous.wait_open()
+    local.connect("served0")
+    anonymous.connect("filepage0")
+    await_mesh([local, served])
+    await_mesh([anonymous, local])
+    exchange([local, served], "from-a-file")
+    exchange([anonymous, local], "file-to-file")
+    assert_healthy([local, served, anonymous])
 
 
 def test_destroyed_peer_leaves_at_once_and_its_id_can_return(
