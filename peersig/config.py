@@ -36,6 +36,7 @@ class Config:
     authorizer: IPeerAuthorizer = field(default_factory=OpenAuthorizer)
     bad_frame_limit: int = 10  # more bad frames than this within bad_frame_window: cut
     bad_frame_window: float = 10.0
+    takeover_probe: float = 1.0
     drain_timeout: float = 5.0
     handshake_timeout: float = 5.0
     log_peers: bool = False

@@ -52,6 +52,10 @@ class HubCollector:
                         "outcome", stats.connections)
         yield _labelled("peersig_disconnections", "Departures of registered peers, by reason.",
                         "reason", stats.disconnections)
+        yield _labelled("peersig_probes", "Probes of held places that newcomers contend for: "
+                        "started, and each verdict.", "outcome", stats.probes)
+        yield _labelled("peersig_takeovers", "Ids taken over by a newcomer, by cause.",
+                        "cause", stats.takeovers)
         yield CounterMetricFamily("peersig_expiries", "EXPIRE notices sent to senders.",
                                   value=stats.expiries)
         yield CounterMetricFamily("peersig_rate_limited", "Frames dropped by the rate limit.",

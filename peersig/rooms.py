@@ -11,7 +11,7 @@ import hashlib
 import uuid
 from typing import Any, NamedTuple
 
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
 from . import tokens
@@ -41,7 +41,7 @@ from .messages import (
     valid_id,
     valid_room,
 )
-from .session import CLOSED, MAX_CONTACTS, PeerTransport, Session
+from .session import CLOSED, MAX_CONTACTS, OPEN, PeerTransport, Session
 from .stats import Stats
 
 log = Logger()
@@ -69,6 +69,32 @@ class OfflineQueue:
         self.told: set[str] = set()  # senders already sent their EXPIRE
 
 
+# PeerJS's heartbeat interval (peerjs 1.5.5, PeerOptions.pingInterval, 5000 ms): a member of a
+# full room silent for longer has missed a heartbeat, and is probed when a newcomer knocks.
+HEARTBEAT_INTERVAL = 5.0
+# Newcomers that may wait on one probe; more get their refusal at once.
+MAX_CONTENDERS = 4
+
+
+class Probe:
+    """Peers that may be dead, asked with a WebSocket ping each because newcomers contend
+    for their place (their id, or a seat in their full room): ``asked`` maps each to when
+    its ping went out. A frame or pong since then is its answer; none within
+    ``Config.takeover_probe`` presumes it dead.
+    """
+
+    __slots__ = ("asked", "call", "contenders", "key")
+
+    def __init__(self, key: tuple[str, str], asked: dict[Session, float]) -> None:
+        self.key = key  # (room name, id), or (room name, "") for a seat in a full room
+        self.asked = asked
+        self.contenders: list[tuple[PeerTransport, JoinRequest]] = []
+        self.call: IDelayedCall | None = None
+
+    def answered(self, session: Session) -> bool:
+        return session.last_seen >= self.asked[session]
+
+
 class Room:
     __slots__ = ("name", "peers", "queued", "queues", "tag")
 
@@ -91,6 +117,11 @@ class Hub:
         self.queued_bytes = 0
         self.rooms_with_queues: set[Room] = set()
         self.stats = Stats()
+        # Contention (see ``_contend``): open probes by key, the probe each asked peer is in,
+        # and the probe each waiting newcomer is in. All empty while nobody contends.
+        self.probes: dict[tuple[str, str], Probe] = {}
+        self.probed: dict[Session, Probe] = {}
+        self.waiting: dict[PeerTransport, Probe] = {}
         self.started = clock.seconds()
         self.draining = False
         # LEAVE on departure goes to the whole room, except in ``none`` mode, where the
@@ -145,17 +176,14 @@ class Hub:
         holder = room.peers.get(req.id) if room is not None else None
         if holder is not None:
             assert room is not None
-            if not (verdict.takeover or self._may_take_over(holder, req, now)):
-                self.stats.connections["id_taken"] += 1
-                log.info("join rejected: {reason}", event="reject", reason="id_taken",
-                         **self._who(req.id, req.address))
-                transport.send_frame(ID_TAKEN_FRAME)
-                transport.close_with(CLOSE_POLICY, "ID is taken")
+            cause = "authorizer" if verdict.takeover else self._may_take_over(holder, req, now)
+            if cause is None:
+                self._contend(transport, req, (name, req.id), [holder], now)
                 return None
             if req.address != holder.address and self._address_full(req.address):
                 self._reject(transport, req, "address_full", E_ADDRESS_FULL)
                 return None
-            return self._take_over(holder, transport, req, now)
+            return self._take_over(holder, transport, req, now, cause)
         if len(self.sessions) >= cfg.max_peers:
             self._reject(transport, req, "server_full", E_SERVER_FULL)
             return None
@@ -168,7 +196,8 @@ class Hub:
             and room is not None
             and len(room.peers) >= cfg.room_size
         ):
-            self._reject(transport, req, "room_full", room_full_text(cfg.room_size))
+            silent = [s for s in room.peers.values() if now - s.last_seen > HEARTBEAT_INTERVAL]
+            self._contend(transport, req, (name, ""), silent, now)
             return None
         if room is None:
             room = self.rooms[name] = Room(name)
@@ -180,23 +209,153 @@ class Hub:
         cap = self.config.max_peers_per_ip
         return bool(cap) and self.per_address.get(address, 0) >= cap
 
-    def _may_take_over(self, holder: Session, req: JoinRequest, now: float) -> bool:
+    def _may_take_over(self, holder: Session, req: JoinRequest, now: float) -> str | None:
+        """Why the newcomer may replace the holder at once (the cause of the takeover), or
+        None: then the holder is asked (``_contend``)."""
         cfg = self.config
         if now - holder.last_seen > cfg.dead_after:
-            return True
-        return cfg.room_by != "token" and holder.token == req.token
+            return "silent"
+        if cfg.room_by != "token" and holder.token == req.token:
+            return "token"
+        return None
 
-    def _take_over(
-        self, holder: Session, transport: PeerTransport, req: JoinRequest, now: float
-    ) -> Session:
+    def _take_over(self, holder: Session, transport: PeerTransport, req: JoinRequest,
+                   now: float, cause: str) -> Session:
         # Not a departure: the room hears nothing, so the reconnecting client's peer
         # connections survive.
         self._forget(holder)
         holder.transport.close_with(CLOSE_NORMAL, "Replaced by a new connection")
         session = Session(self, transport, holder.room, req.id, req.token, req.address, now)
         session.contacts = holder.contacts
+        self.stats.takeovers[cause] += 1
         self._register(session, "takeover")
+        self._settle(holder)
         return session
+
+    # -- contention: is the holder of a place still there? ---------------------------------
+
+    def _contend(self, transport: PeerTransport, req: JoinRequest, key: tuple[str, str],
+                 suspects: list[Session], now: float) -> None:
+        """A newcomer wants a place that is held: ``req.id`` (key ``(room, id)``), or a seat
+        in a full room (key ``(room, "")``, ``suspects`` its members silent past a
+        heartbeat). Refused at once (ID-TAKEN, Room is full) when nobody may be dead;
+        otherwise it waits, without OPEN, on a probe of the suspects, and the probe decides
+        (``_decide``). Issue 16: contention decides liveness, so that a reconnect after a
+        network change needs no wait for the old socket's timeout.
+
+        A suspect heard from within the last half probe window, or since a ping within the
+        window, is alive. A probe costs one ping per suspect and none for one pinged within
+        the window (that ping is the question); further contenders wait on the same probe
+        (never two takeovers).
+        """
+        window = self.config.takeover_probe
+        probe = self.probes.get(key)
+        if probe is None:
+            asked: dict[Session, float] = {}
+            for session in suspects:
+                if now - session.pinged_at < window:
+                    if session.last_seen < session.pinged_at:
+                        asked[session] = session.pinged_at  # a ping is on its way
+                elif now - session.last_seen >= window / 2:
+                    asked[session] = now
+            if not window or not asked:
+                self._refuse(transport, req, key)
+                return
+            probe = self.probes[key] = Probe(key, asked)
+            for session in asked:
+                self.probed[session] = probe
+            probe.contenders.append((transport, req))
+            self.waiting[transport] = probe
+            self.stats.probes["started"] += 1
+            probe.call = self.clock.callLater(window, self._decide, probe)
+            for session, since in asked.items():
+                if since == now:
+                    session.pinged_at = now
+                    session.transport.send_ping()  # its pong may decide the probe at once
+            return
+        if len(probe.contenders) >= MAX_CONTENDERS:
+            self._refuse(transport, req, key)
+            return
+        probe.contenders.append((transport, req))
+        self.waiting[transport] = probe
+
+    def _refuse(self, transport: PeerTransport, req: JoinRequest, key: tuple[str, str]) -> None:
+        if key[1]:
+            self.stats.connections["id_taken"] += 1
+            log.info("join rejected: {reason}", event="reject", reason="id_taken",
+                     **self._who(req.id, req.address))
+            transport.send_frame(ID_TAKEN_FRAME)
+            transport.close_with(CLOSE_POLICY, "ID is taken")
+        else:
+            self._reject(transport, req, "room_full", room_full_text(self.config.room_size))
+
+    def heard(self, session: Session) -> None:
+        """A pong from ``session``: decide its probe once every asked peer has answered."""
+        probe = self.probed.get(session)
+        if probe is not None and all(probe.answered(s) for s in probe.asked):
+            self._decide(probe)
+
+    def withdraw(self, transport: PeerTransport) -> None:
+        """A waiting newcomer closed: it leaves its probe, and a probe nobody waits on ends
+        without a verdict (a holder is never dropped for nobody)."""
+        probe = self.waiting.pop(transport, None)
+        if probe is not None:
+            probe.contenders = [c for c in probe.contenders if c[0] is not transport]
+            if not probe.contenders:
+                self._end(probe)
+
+    def _end(self, probe: Probe) -> list[tuple[PeerTransport, JoinRequest]]:
+        """Forget ``probe``; its contenders, in the order they came."""
+        if probe.call is not None and probe.call.active():
+            probe.call.cancel()
+        del self.probes[probe.key]
+        for session in probe.asked:
+            if self.probed.get(session) is probe:
+                del self.probed[session]
+        for transport, _req in probe.contenders:
+            self.waiting.pop(transport, None)
+        return probe.contenders
+
+    def _decide(self, probe: Probe) -> None:
+        """The verdict, when every asked peer answered, the window passed, or one left.
+
+        For an id: a holder that answered keeps it (ID-TAKEN to every contender); a silent
+        one is presumed dead and replaced by the first contender, as a takeover (no LEAVE);
+        a holder gone meanwhile leaves an ordinary join. For a seat: the silent members are
+        dropped, with LEAVE, and the contenders join anew in order.
+        """
+        contenders = self._end(probe)
+        now = self.clock.seconds()
+        dead = [s for s in probe.asked if s.state == OPEN and not probe.answered(s)]
+        here = any(s.state == OPEN for s in probe.asked)
+        self.stats.probes["holder_dead" if dead else "holder_alive" if here else "holder_gone"] += 1
+        if probe.key[1]:
+            holder, = probe.asked
+            if here and not dead:
+                for transport, req in contenders:
+                    self._refuse(transport, req, probe.key)
+                return
+            if dead:
+                (transport, req), *contenders = contenders
+                try:
+                    transport.attach(self._take_over(holder, transport, req, now, "probe"))
+                finally:
+                    holder.transport.abort_connection()
+        else:
+            for session in dead:
+                self.depart(session, "probe")
+                session.transport.abort_connection()
+        for transport, req in contenders:
+            joined = self.join(transport, req)
+            if joined is not None:
+                transport.attach(joined)
+
+    def _settle(self, session: Session) -> None:
+        """``session`` is no longer its place's holder: a probe asking it decides now."""
+        if self.probed:
+            probe = self.probed.get(session)
+            if probe is not None:
+                self._decide(probe)
 
     def _register(self, session: Session, outcome: str) -> None:
         room = session.room
@@ -377,6 +536,7 @@ class Hub:
                 self.queued_bytes -= queue.nbytes
             room.queues.clear()
             self.rooms_with_queues.discard(room)
+        self._settle(session)
 
     def _told_of_departure(self, session: Session) -> list[Session]:
         """The room, or in ``none`` mode the peers it exchanged messages with."""
@@ -416,6 +576,9 @@ class Hub:
         stats.history.append((now, sum(stats.received.values())))
 
     def close_all(self, code: int = CLOSE_GOING_AWAY, reason: str = "Server shutting down") -> None:
+        for probe in list(self.probes.values()):
+            for transport, _req in self._end(probe):
+                transport.close_with(code, reason)
         for session in list(self.sessions):
             self.depart(session, "shutdown", notify=False)
             session.transport.close_with(code, reason)

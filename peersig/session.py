@@ -21,6 +21,9 @@ class PeerTransport(Protocol):
     def send_frame(self, frame: bytes) -> None:
         """Send one text frame (UTF-8 JSON)."""
 
+    def attach(self, session: Session) -> None:
+        """The join this transport made, left pending by ``Hub.join``, has opened."""
+
     def send_ping(self) -> None:
         """Send a WebSocket ping; the browser answers it without any page code."""
 
@@ -92,7 +95,10 @@ class Session:
 
     def alive(self) -> None:
         """Any sign of life (a pong) other than a frame."""
-        self.last_seen = self.hub.clock.seconds()
+        hub = self.hub
+        self.last_seen = hub.clock.seconds()
+        if hub.probed:  # a probe may be waiting for this very pong
+            hub.heard(self)
 
     def received(self, data: bytes) -> None:
         """One text frame from the peer."""

@@ -42,12 +42,14 @@ class Stats:
         "drops",
         "expiries",
         "history",
+        "probes",
         "rate_limited",
         "received",
         "relay_seconds",
         "relayed",
         "sweep_errors",
         "sweep_seconds",
+        "takeovers",
         "timing_tick",
     )
 
@@ -62,6 +64,10 @@ class Stats:
         self.connections: Counter[str] = Counter()
         # departures by reason: closed, lost, timeout, rate_limit, ...
         self.disconnections: Counter[str] = Counter()
+        # probes of contended places: started, holder_alive, holder_dead
+        self.probes: Counter[str] = Counter()
+        # takeovers by cause: silent, token, authorizer, probe
+        self.takeovers: Counter[str] = Counter()
         self.expiries = 0
         self.rate_limited = 0
         self.sweep_errors = 0

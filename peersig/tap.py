@@ -44,6 +44,13 @@ def _positive_float(value: str) -> float:
     return number
 
 
+def _non_negative_float(value: str) -> float:
+    number = float(value)
+    if not number >= 0:
+        raise ValueError("must not be negative")
+    return number
+
+
 def _room_mode(value: str) -> str:
     if value not in ROOM_MODES:
         raise ValueError(f"must be one of {', '.join(ROOM_MODES)}")
@@ -90,6 +97,10 @@ class Options(usage.Options):
         ["drain-timeout", None, 5.0,
          "Seconds a stopping server waits for peers to close before it exits.",
          _positive_float],
+        ["takeover-probe", None, 1.0,
+         "Seconds the holder of a place a newcomer wants (its id, a seat in a full room) "
+         "has to answer a ping before it is presumed dead and replaced; 0 = no probe.",
+         _non_negative_float],
         ["handshake-timeout", None, 5.0,
          "Seconds a client has to complete its HTTP request or WebSocket handshake.",
          _positive_float],
@@ -211,6 +222,7 @@ class Options(usage.Options):
             allow_discovery=bool(self["allow-discovery"]),
             drain_timeout=self["drain-timeout"],
             handshake_timeout=self["handshake-timeout"],
+            takeover_probe=self["takeover-probe"],
             log_peers=bool(self["log-peers"]),
             allowed_origins=tuple(self["allowed-origin"]),
             secret=secret,

@@ -482,8 +482,13 @@ class PeerProtocol(WebSocketServerProtocol):
         session = self.session
         if session is not None:
             self.hub.depart(session, "closed" if wasClean else "lost")
+        elif self.hub.waiting:
+            self.hub.withdraw(self)  # gave up while its join waited on a probe
 
     # -- PeerTransport ---------------------------------------------------------------------
+
+    def attach(self, session: Session) -> None:
+        self.session = session
 
     def send_frame(self, frame: bytes) -> None:
         # A peer whose close is under way still sits in its room until its onClose runs

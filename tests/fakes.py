@@ -27,6 +27,9 @@ class FakeTransport:
         assert self.closed is None and not self.aborted, "frame sent on a closed socket"
         self.frames.append(frame)
 
+    def attach(self, session: Session) -> None:
+        self.session = session
+
     def send_ping(self) -> None:
         self.pings += 1
         if self.responsive and self.session is not None:

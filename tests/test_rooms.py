@@ -241,7 +241,8 @@ def test_same_token_takes_over_at_once_without_leave(mode: str) -> None:
 
 
 def test_presumed_dead_holder_is_replaced() -> None:
-    w = World(**PINGS_5S)
+    # Without probes (--takeover-probe 0), only the silence rule frees an id.
+    w = World(**PINGS_5S, takeover_probe=0)
     old = w.connect("alice", responsive=False)
     bob = w.connect("bob")
     bob.take()

@@ -1,0 +1,230 @@
+"""Contention decides liveness (issue 16): a newcomer for a held id, or for a seat in a full
+room, makes the server ask the holder with a ping; a silent holder is replaced within
+``--takeover-probe``, a live one never. All on ``task.Clock`` with fake transports."""
+
+from __future__ import annotations
+
+import pytest
+
+from peersig import messages as m
+from peersig.rooms import JoinRequest
+from peersig.session import CLOSED
+
+from .fakes import FakeTransport, World
+
+ID_TAKEN = [{"type": "ID-TAKEN", "payload": {"msg": "ID is taken"}}]
+
+
+def knock(w: World, peer_id: str, token: str = "room1", key: str = "peerjs",
+          address: str = "127.0.0.1") -> FakeTransport:
+    """A newcomer whose join may wait: ``session`` is set when (if) it opens."""
+    t = FakeTransport(responsive=True)
+    session = w.hub.join(t, JoinRequest(key, peer_id, token, address))
+    if session is not None:
+        t.session = session
+    return t
+
+
+def quiet(w: World) -> bool:
+    """Nothing of contention is left over."""
+    return not (w.hub.probes or w.hub.probed or w.hub.waiting)
+
+
+def test_a_silent_holder_is_replaced_after_the_probe_without_leave() -> None:
+    w = World()
+    old = w.connect("alice", responsive=False)
+    bob = w.connect("bob")
+    w.send(bob, {"type": "OFFER", "dst": "alice", "payload": 1})  # alice gets it: online
+    w.clock.advance(2.0)  # alice's network changed two seconds ago
+    new = knock(w, "alice")
+    assert new.frames == [] and new.session is None  # waiting: no OPEN yet
+    assert old.pings == 1
+    w.clock.advance(0.99)
+    assert new.frames == []
+    w.clock.advance(0.01)
+    assert new.types() == ["OPEN"] and new.session is not None
+    assert old.closed == (m.CLOSE_NORMAL, "Replaced by a new connection") and old.aborted
+    assert old.session is not None and old.session.state == CLOSED
+    assert bob.types() == ["OPEN"]  # no LEAVE: the room's connections to alice survive
+    w.send(bob, {"type": "OFFER", "dst": "alice", "payload": 2})
+    assert new.messages()[-1]["payload"] == 2
+    stats = w.hub.stats
+    assert stats.probes == {"started": 1, "holder_dead": 1}
+    assert stats.takeovers == {"probe": 1} and stats.connections["takeover"] == 1
+    assert quiet(w)
+
+
+def test_what_waited_for_the_id_is_delivered_on_takeover() -> None:
+    w = World()
+    w.connect("alice", responsive=False)
+    bob = w.connect("bob")
+    w.clock.advance(2.0)
+    new = knock(w, "alice")
+    w.send(bob, {"type": "OFFER", "dst": "alice", "payload": "during"})  # to the old socket
+    w.clock.advance(1.0)
+    assert new.types() == ["OPEN"]  # what went to the dead socket is lost, as before
+
+
+def test_a_holder_that_answers_the_ping_keeps_its_id_at_once() -> None:
+    w = World()
+    holder = w.connect("alice")  # answers pings at once
+    w.clock.advance(3.0)
+    second = knock(w, "alice")
+    assert second.messages() == ID_TAKEN and second.closed is not None
+    assert holder.pings == 1 and holder.closed is None
+    assert w.hub.stats.probes == {"started": 1, "holder_alive": 1}
+    assert quiet(w)
+
+
+def test_a_holder_heard_a_moment_ago_is_not_even_pinged() -> None:
+    w = World()
+    holder = w.connect("alice", responsive=False)
+    w.clock.advance(0.2)
+    assert knock(w, "alice").messages() == ID_TAKEN
+    assert holder.pings == 0 and not w.hub.stats.probes
+
+
+def test_a_holder_that_sends_a_frame_during_the_probe_keeps_its_id() -> None:
+    w = World()
+    holder = w.connect("alice", responsive=False)
+    w.clock.advance(3.0)
+    second = knock(w, "alice")
+    w.clock.advance(0.5)
+    w.send(holder, {"type": "HEARTBEAT"})
+    assert second.frames == []
+    w.clock.advance(0.5)
+    assert second.messages() == ID_TAKEN
+    assert holder.closed is None and not holder.aborted
+
+
+def test_two_contenders_one_probe_one_takeover() -> None:
+    w = World()
+    old = w.connect("alice", responsive=False)
+    w.clock.advance(2.0)
+    first, second = knock(w, "alice"), knock(w, "alice")
+    assert old.pings == 1  # the second waits on the same probe
+    w.clock.advance(1.0)
+    assert first.types() == ["OPEN"]
+    assert second.messages() == ID_TAKEN  # the new holder was heard just now
+    assert w.hub.rooms["room1"].peers["alice"] is first.session
+    assert w.hub.stats.takeovers == {"probe": 1}
+    assert quiet(w)
+
+
+def test_a_holder_that_closes_during_the_probe_leaves_an_ordinary_join() -> None:
+    w = World()
+    old = w.connect("alice", responsive=False)
+    bob = w.connect("bob")
+    bob.take()
+    w.clock.advance(2.0)
+    new = knock(w, "alice")
+    w.close(old)  # its close arrived after all
+    assert new.types() == ["OPEN"]
+    assert bob.messages() == [{"type": "LEAVE", "src": "alice"}]  # it did leave
+    assert w.hub.stats.probes["holder_gone"] == 1 and not w.hub.stats.takeovers
+    assert quiet(w)
+
+
+def test_a_newcomer_that_closes_during_the_probe_costs_the_holder_nothing() -> None:
+    w = World()
+    old = w.connect("alice", responsive=False)
+    w.clock.advance(2.0)
+    new = knock(w, "alice")
+    w.hub.withdraw(new)
+    assert quiet(w)
+    w.clock.advance(5.0)
+    assert old.closed is None and not old.aborted and new.frames == []
+    w.hub.withdraw(new)  # twice, or for a transport that never waited: nothing
+    w.hub.withdraw(FakeTransport())
+
+
+def test_a_ghost_in_a_full_room_makes_way_for_a_newcomer() -> None:
+    w = World(room_size=3)
+    ghost = w.connect("ghost", responsive=False)
+    w.clock.advance(3.0)
+    a, b = w.connect("a"), w.connect("b")
+    w.clock.advance(3.0)  # the ghost missed a heartbeat; a and b heartbeat
+    w.send(a, {"type": "HEARTBEAT"}), w.send(b, {"type": "HEARTBEAT"})
+    a.take(), b.take()
+    c = knock(w, "c")
+    assert c.frames == [] and ghost.pings == 1 and a.pings == b.pings == 0
+    w.clock.advance(1.0)
+    assert c.types() == ["OPEN"]
+    assert ghost.aborted and ghost.session is not None and ghost.session.state == CLOSED
+    assert a.messages() == b.messages() == [{"type": "LEAVE", "src": "ghost"}]  # a departure
+    assert w.hub.stats.disconnections["probe"] == 1
+    assert quiet(w)
+
+
+def test_a_full_room_of_live_members_stays_full() -> None:
+    w = World(room_size=2)
+    w.connect("a"), w.connect("b")
+    refused = knock(w, "c")  # nobody silent past a heartbeat: no probe
+    assert refused.messages() == [{"type": "ERROR", "payload": {"msg": "Room is full (2 peers)"}}]
+    w.clock.advance(6.0)  # both silent past a heartbeat, but they answer the ping
+    assert knock(w, "c").messages()[0]["payload"]["msg"] == "Room is full (2 peers)"
+    assert w.hub.stats.probes == {"started": 1, "holder_alive": 1}
+    assert quiet(w)
+
+
+def test_a_flood_of_contenders_costs_one_ping_per_probe_window() -> None:
+    w = World()
+    holder = w.connect("alice")  # alive: answers every ping
+    refused = 0
+    for _ in range(200):  # ten seconds of a contender every 50 ms
+        w.clock.advance(0.05)
+        refused += knock(w, "alice").messages() == ID_TAKEN
+    assert refused == 200
+    assert holder.pings <= 10 / 1.0 + 1
+    assert holder.closed is None and quiet(w)
+
+
+def test_contenders_waiting_on_one_probe_are_bounded() -> None:
+    w = World()
+    w.connect("alice", responsive=False)
+    w.clock.advance(2.0)
+    waiting = [knock(w, "alice") for _ in range(10)]
+    assert sum(t.frames == [] for t in waiting) == 4  # the rest refused at once
+    w.clock.advance(1.0)
+    assert [t.types() for t in waiting[:4]] == [["OPEN"]] + [["ID-TAKEN"]] * 3
+    assert quiet(w)
+
+
+def test_a_live_holder_is_never_displaced_whatever_the_newcomer_sends() -> None:
+    w = World(room_by="none")
+    holder = w.connect("alice", token="mine")
+    for _ in range(30):
+        w.clock.advance(0.7)
+        t = knock(w, "alice", token="guess")
+        w.hub.join(FakeTransport(), JoinRequest("peerjs", "alice", "guess", "10.9.9.9"))
+        assert t.messages() == ID_TAKEN
+    assert holder.closed is None and w.hub.rooms[""].peers["alice"] is holder.session
+
+
+def test_a_drain_closes_the_newcomers_waiting_on_a_probe() -> None:
+    w = World()
+    w.connect("alice", responsive=False)
+    w.clock.advance(2.0)
+    new = knock(w, "alice")
+    w.hub.close_all()
+    assert new.closed == (m.CLOSE_GOING_AWAY, "Server shutting down") and quiet(w)
+    w.clock.advance(2.0)
+    assert new.frames == []
+
+
+def test_no_probe_when_off() -> None:
+    w = World(takeover_probe=0)
+    old = w.connect("alice", responsive=False)
+    w.clock.advance(3.0)
+    assert knock(w, "alice").messages() == ID_TAKEN and old.pings == 0
+
+
+@pytest.mark.parametrize("mode", ["token", "key", "none"])
+def test_every_room_mode_probes(mode: str) -> None:
+    w = World(room_by=mode)
+    key = "game" if mode == "key" else "peerjs"
+    old = w.connect("alice", key=key, token="t1", responsive=False)
+    w.clock.advance(2.0)
+    new = knock(w, "alice", key=key, token="t2" if mode != "token" else "t1")
+    w.clock.advance(1.0)
+    assert new.types() == ["OPEN"] and old.aborted
