@@ -501,6 +501,7 @@ def profile_section(res: dict) -> str:
 APPENDICES = (
     (ROOT / "docs" / "benchmarks-haproxy.md", "python bench/haproxy.py"),
     (ROOT / "docs" / "benchmarks-soak.md", "python -m bench.soak"),
+    (ROOT / "docs" / "benchmarks-storm.md", "python -m bench.storm"),
 )
 APPENDIX_MARK = "<!-- from docs/benchmarks-"
 

@@ -74,6 +74,10 @@ class OfflineQueue:
 HEARTBEAT_INTERVAL = 5.0
 # Newcomers that may wait on one probe; more get their refusal at once.
 MAX_CONTENDERS = 4
+# A holder heard from within this part of the probe window is alive without a ping. Kept
+# small: a page that reconnects right after its last signaling frame (its network changed
+# a moment later) must still be able to take its id back.
+FRESH = 0.1
 
 
 class Probe:
@@ -243,7 +247,7 @@ class Hub:
         (``_decide``). Issue 16: contention decides liveness, so that a reconnect after a
         network change needs no wait for the old socket's timeout.
 
-        A suspect heard from within the last half probe window, or since a ping within the
+        A suspect heard from within the last tenth of the probe window, or since a ping within the
         window, is alive. A probe costs one ping per suspect and none for one pinged within
         the window (that ping is the question); further contenders wait on the same probe
         (never two takeovers).
@@ -256,7 +260,7 @@ class Hub:
                 if now - session.pinged_at < window:
                     if session.last_seen < session.pinged_at:
                         asked[session] = session.pinged_at  # a ping is on its way
-                elif now - session.last_seen >= window / 2:
+                elif now - session.last_seen >= window * FRESH:
                     asked[session] = now
             if not window or not asked:
                 self._refuse(transport, req, key)

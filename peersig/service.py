@@ -20,7 +20,7 @@ from zope.interface import implementer
 from .config import Config
 from .messages import CLOSE_GOING_AWAY
 from .rooms import Hub
-from .tls import ReloadingTLS, tls_endpoint
+from .tls import ReloadingTLS, tls_endpoint, with_backlog
 from .web import QuietSite, Root
 from .websocket import PeerFactory, make_factory
 
@@ -183,7 +183,7 @@ def make_service(config: Config, ports: list[str], reactor: Any) -> PeersigServi
             endpoint, certificate = tls_endpoint(reactor, description)
             certificates.append(certificate)
         else:
-            endpoint = serverFromString(reactor, description)
+            endpoint = serverFromString(reactor, with_backlog(description))
         if config.keepalive:
             endpoint = KeepAliveEndpoint(endpoint, config.keepalive)
         listening = StreamServerEndpointService(endpoint, site)

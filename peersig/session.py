@@ -81,7 +81,7 @@ class Session:
         self.state = OPEN
         self.connected_at = now
         self.last_seen = now
-        self.pinged_at = now
+        self.pinged_at = -1e18  # when the server last pinged it: never yet
         self.tokens = hub.config.rate_limit
         self.refilled_at = now
         self.limited_since = 0.0

@@ -19,6 +19,12 @@ from zope.interface import implementer
 
 log = Logger()
 
+# The listen() backlog of tcp: and ssl: ports unless their description says backlog=N.
+# Twisted's default, 50, overflows when every peer of a node reconnects at once (a restart,
+# a deploy): SYNs are dropped and clients wait for their retransmits, a second and more.
+# The kernel caps it at net.core.somaxconn (4096 since Linux 5.4). Issue 16.
+BACKLOG = 4096
+
 _PEM_CERT = re.compile(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.DOTALL)
 
 
@@ -106,6 +112,14 @@ def split_description(description: str) -> tuple[list[str], dict[str, str]]:
     return args, kwargs
 
 
+def with_backlog(description: str) -> str:
+    """A ``tcp:`` or ``tcp6:`` port description, with ``backlog=BACKLOG`` unless it has one."""
+    kind = description.partition(":")[0]
+    if kind in ("tcp", "tcp6") and "backlog" not in split_description(description)[1]:
+        return f"{description}:backlog={BACKLOG}"
+    return description
+
+
 def tls_endpoint(reactor: Any, description: str) -> tuple[SSL4ServerEndpoint, ReloadingTLS]:
     """An endpoint for an ``ssl:`` description, and its reloadable certificate."""
     args, kw = split_description(description)
@@ -117,6 +131,6 @@ def tls_endpoint(reactor: Any, description: str) -> tuple[SSL4ServerEndpoint, Re
     private_key = kw.get("privateKey", "server.pem")
     tls = ReloadingTLS(private_key, kw.get("certKey", private_key), kw.get("extraCertChain"))
     endpoint = SSL4ServerEndpoint(reactor, int(kw["port"]), tls,
-                                  backlog=int(kw.get("backlog", 50)),
+                                  backlog=int(kw.get("backlog", BACKLOG)),
                                   interface=kw.get("interface", ""))
     return endpoint, tls

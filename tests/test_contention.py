@@ -79,7 +79,7 @@ def test_a_holder_that_answers_the_ping_keeps_its_id_at_once() -> None:
 def test_a_holder_heard_a_moment_ago_is_not_even_pinged() -> None:
     w = World()
     holder = w.connect("alice", responsive=False)
-    w.clock.advance(0.2)
+    w.clock.advance(0.05)
     assert knock(w, "alice").messages() == ID_TAKEN
     assert holder.pings == 0 and not w.hub.stats.probes
 
@@ -95,6 +95,18 @@ def test_a_holder_that_sends_a_frame_during_the_probe_keeps_its_id() -> None:
     w.clock.advance(0.5)
     assert second.messages() == ID_TAKEN
     assert holder.closed is None and not holder.aborted
+
+
+def test_a_holder_that_just_joined_is_probed_like_any_other() -> None:
+    # A page reconnecting a second after it first opened: its join is no ping it answered.
+    w = World()
+    old = w.connect("alice", responsive=False)
+    w.send(old, {"type": "HEARTBEAT"})
+    w.clock.advance(0.3)
+    new = knock(w, "alice")
+    assert old.pings == 1
+    w.clock.advance(1.0)
+    assert new.types() == ["OPEN"]
 
 
 def test_two_contenders_one_probe_one_takeover() -> None:

@@ -14,8 +14,11 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection, connect
+
+from peersig.tls import BACKLOG, with_backlog
 
 from .serverproc import REPO, ServerProcess, free_port, make_self_signed_cert
 
@@ -140,6 +143,18 @@ def test_socket_activation(tmp_path: Path) -> None:
             assert recv_json(b)["src"] == "a"
     finally:
         proc.stop()
+
+
+@pytest.mark.parametrize(("description", "expected"), [
+    ("tcp:9000", f"tcp:9000:backlog={BACKLOG}"),
+    ("tcp6:9000:interface=\\:\\:1", f"tcp6:9000:interface=\\:\\:1:backlog={BACKLOG}"),
+    ("tcp:9000:backlog=77", "tcp:9000:backlog=77"),
+    ("systemd:domain=INET:index=0", "systemd:domain=INET:index=0"),
+    ("unix:/run/peersig.sock", "unix:/run/peersig.sock"),
+])
+def test_tcp_ports_get_the_storm_backlog_unless_they_say_otherwise(description: str,
+                                                                  expected: str) -> None:
+    assert with_backlog(description) == expected
 
 
 def test_systemd_units_verify(tmp_path: Path) -> None:

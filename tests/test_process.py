@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import base64
 import json
+import os
+import socket
 import ssl
 import subprocess
 import sys
@@ -332,6 +335,86 @@ def test_a_cut_emoji_in_an_offer_reaches_the_callee_byte_for_byte(server: Server
         got = b.recv(timeout=5)
         assert got == ('{"type":"OFFER","src":"caller","dst":"callee",'
                        + offer[offer.index('"payload"'):])
+
+
+# -- reconnects: contention decides liveness (issue 16) ------------------------------------
+
+def silent_peer(server: ServerProcess, peer_id: str, token: str) -> socket.socket:
+    """A peer that opens, then never reads or answers anything again: a page whose network
+    changed while its kernel still ACKs (or a frozen tab)."""
+    sock = socket.create_connection(("127.0.0.1", server.port))
+    key = base64.b64encode(os.urandom(16)).decode()
+    sock.sendall(f"GET /peerjs?key=peerjs&id={peer_id}&token={token}&version=1.5.5 HTTP/1.1"
+                 f"\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                 f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode())
+    sock.settimeout(5)
+    data = b""
+    while b'{"type":"OPEN"}' not in data:
+        data += sock.recv(4096)
+    return sock
+
+
+def test_a_reconnect_replaces_a_silent_holder_within_the_probe(server: ServerProcess) -> None:
+    room = f"re{uuid.uuid4().hex[:8]}"
+    ghost = silent_peer(server, "alice", room)
+    with connect(server.ws_url("bob", token=room)) as bob:
+        recv_json(bob)
+        time.sleep(1.0)  # the ghost has been silent for a while
+        started = time.monotonic()
+        with connect(server.ws_url("alice", token=room)) as alice:
+            assert recv_json(alice) == {"type": "OPEN"}
+            took = time.monotonic() - started
+            assert 0.9 < took < 1.0 + 1.0, took  # the default --takeover-probe 1 s, + 1 s
+            bob.send(json.dumps({"type": "OFFER", "dst": "alice", "payload": "after"}))
+            assert recv_json(alice)["payload"] == "after"
+            with pytest.raises(TimeoutError):
+                bob.recv(timeout=1.0)  # no LEAVE for alice: a takeover, not a departure
+    ghost.close()
+
+
+def test_a_heartbeating_holder_keeps_its_id(server: ServerProcess) -> None:
+    room = f"hb{uuid.uuid4().hex[:8]}"
+    with connect(server.ws_url("alice", token=room)) as alice:  # answers pings itself
+        recv_json(alice)
+        for _ in range(3):
+            time.sleep(0.7)
+            alice.send('{"type":"HEARTBEAT"}')
+            with connect(server.ws_url("alice", token=room)) as impostor:
+                assert recv_json(impostor)["type"] == "ID-TAKEN"
+            time.sleep(0.7)  # silent for most of the probe window: now it is pinged
+            with connect(server.ws_url("alice", token=room)) as impostor:
+                assert recv_json(impostor)["type"] == "ID-TAKEN"
+        alice.send(json.dumps({"type": "OFFER", "dst": "alice", "payload": "still mine"}))
+        assert recv_json(alice)["payload"] == "still mine"
+
+
+def listen_backlog(port: int) -> int:
+    """The backlog of the socket listening on ``port``: ``ss -ltn``'s Send-Q."""
+    out = subprocess.run(["ss", "-Hltn", f"sport = :{port}"], capture_output=True, text=True,
+                         check=True).stdout.split()
+    return int(out[2])
+
+
+def test_ports_listen_with_room_for_a_reconnect_storm(tmp_path: Path) -> None:
+    from peersig.tls import BACKLOG
+
+    proc = ServerProcess(tmp_path, [], tls=True)
+    (tmp_path / "explicit").mkdir()
+    explicit = ServerProcess(tmp_path / "explicit", [], ports=False)
+    explicit.args = ["--port", f"tcp:{explicit.port}:interface=127.0.0.1:backlog=77"]
+    proc.start()
+    try:
+        assert proc.tls_port is not None
+        expected = min(BACKLOG, int(Path("/proc/sys/net/core/somaxconn").read_text()))
+        assert listen_backlog(proc.port) == expected  # tcp:
+        assert listen_backlog(proc.tls_port) == expected  # ssl:
+    finally:
+        proc.stop()
+    explicit.start()
+    try:
+        assert listen_backlog(explicit.port) == 77  # an explicit backlog= wins
+    finally:
+        explicit.stop()
 
 
 def test_bursts_to_a_slow_reader_arrive_whole_and_in_order(tmp_path: Path) -> None:

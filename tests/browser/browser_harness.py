@@ -85,6 +85,13 @@ def isolate_to_loopback() -> None:
         raise RuntimeError(f"expected only loopback, found {interfaces()}")
 
 
+def client_ports(server_port: int) -> set[int]:
+    """Local ports of the TCP connections established to 127.0.0.1:``server_port``."""
+    out = subprocess.run(["ss", "-Htn", "state", "established", f"dport = :{server_port}"],
+                         capture_output=True, text=True, check=True).stdout
+    return {int(line.split()[2].rpartition(":")[2]) for line in out.splitlines() if line}
+
+
 # --- the test page -------------------------------------------------------------------------
 
 
@@ -263,6 +270,15 @@ class PeerTab:
         """Addresses of all ICE candidates, local and remote, of this page's open connections."""
         found = self._t("iceAddresses")
         return {*found["local"], *found["remote"]}
+
+    def reconnect(self) -> int:
+        """Leaves the server and calls the stock ``peer.reconnect()``; the epoch ms of the
+        call."""
+        return int(self._t("reconnect"))
+
+    def wait_reopen(self, since: int, ms: int = WAIT_MS) -> int:
+        """Epoch ms of the first ``open`` at or after ``since``."""
+        return int(self._t("waitReopen", since, ms))
 
     def destroy(self) -> int:
         """Destroys the Peer; returns the epoch ms just before."""

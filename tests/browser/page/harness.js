@@ -181,6 +181,24 @@
       return result;
     },
 
+    // The stock client's way back after a network change: leave the server, then
+    // peer.reconnect() with the same id and token. Returns Date.now() at the call.
+    reconnect() {
+      peer.disconnect();
+      record("reconnect");
+      const t = Date.now();
+      peer.reconnect();
+      return t;
+    },
+
+    // Date.now() of the first "open" after `since`, or the error that came instead.
+    async waitReopen(since, ms) {
+      const done = await waitFor("open again", ms, () => events.find(
+        (e) => e.t >= since && (e.kind === "open" || e.kind === "error")));
+      if (done.kind === "error") throw new Error(`no reopen: ${done.type}: ${done.message}`);
+      return done.t;
+    },
+
     destroy() {
       record("destroy");
       const t = Date.now();
