@@ -162,7 +162,8 @@ def render(res: dict) -> str:
         "*reference*: npm `peer` 1.0.2 (Node's backlog, 511).",
         "- *wait*: from the client's `connect()` to its OPEN; a dropped SYN is retransmitted "
         "after 1 s, then 2 s more. *SYNs dropped*: the kernel's TcpExtListenOverflows over the "
-        "round (all of this machine's listening sockets; nothing else listens under load here).",
+        "round (all of this machine's listening sockets; nothing else listens under load here; a "
+        "SYN dropped again on its retransmit counts again).",
         "- Server on CPU 0, generator (`bench/loadgen.py`, uvloop) on CPU 1; a fresh server per "
         "round; the servers take turns going first.",
         "",
