@@ -5,6 +5,8 @@ room, makes the server ask the holder with a ping; a silent holder is replaced w
 from __future__ import annotations
 
 import pytest
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from peersig import messages as m
 from peersig.rooms import JoinRequest
@@ -240,3 +242,138 @@ def test_every_room_mode_probes(mode: str) -> None:
     new = knock(w, "alice", key=key, token="t2" if mode != "token" else "t1")
     w.clock.advance(1.0)
     assert new.types() == ["OPEN"] and old.aborted
+
+
+# -- a stateful fuzz of contention ----------------------------------------------------------
+
+WINDOW = 1.0
+
+
+class Tracked:
+    """One newcomer or holder: its transport, and when it was pinged, heard and replaced."""
+
+    def __init__(self, t: FakeTransport, peer_id: str, now: float) -> None:
+        self.t = t
+        self.id = peer_id
+        self.knocked = now
+        self.withdrawn = False
+        self.pinged: list[float] = []
+        self.heard: list[float] = []
+        self.replaced_at: float | None = None
+
+
+class Contention(RuleBasedStateMachine):
+    """Knocks for a few ids in one room of two, holders that answer or not, closes on both
+    sides and time passing, in any order. After every step: the registry and the probes'
+    bookkeeping agree, every newcomer has its one verdict within the probe window, a holder
+    that answered its last ping is never replaced, and a holder is pinged at most once per
+    window (no sweeps run here, so every ping is a probe's)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = World(room_size=2, rate_limit=0, takeover_probe=WINDOW)
+        self.tracked: list[Tracked] = []
+
+    @property
+    def now(self) -> float:
+        return self.w.clock.seconds()
+
+    @rule(peer_id=st.sampled_from(["a", "b", "c"]))
+    def knock(self, peer_id: str) -> None:
+        t = FakeTransport(responsive=False)
+        tracked = Tracked(t, peer_id, self.now)
+        clock = self.w.clock
+
+        def send_ping() -> None:
+            tracked.pinged.append(clock.seconds())
+
+        def close_with(code: int, reason: str) -> None:
+            if reason == "Replaced by a new connection":
+                tracked.replaced_at = clock.seconds()
+            FakeTransport.close_with(t, code, reason)
+
+        t.send_ping = send_ping  # type: ignore[method-assign]
+        t.close_with = close_with  # type: ignore[method-assign]
+        self.tracked.append(tracked)
+        session = self.w.hub.join(t, JoinRequest("peerjs", peer_id, "room1", "127.0.0.1"))
+        if session is not None:
+            t.session = session
+
+    def _open(self) -> list[Tracked]:
+        return [x for x in self.tracked
+                if x.t.session is not None and x.t.session.state != CLOSED]
+
+    @precondition(lambda self: self._open())
+    @rule(data=st.data(), pong=st.booleans())
+    def answer(self, data: st.DataObject, pong: bool) -> None:
+        x = data.draw(st.sampled_from(self._open()))
+        assert x.t.session is not None
+        x.heard.append(self.now)
+        if pong:
+            x.t.session.alive()
+        else:
+            x.t.session.received(b'{"type":"HEARTBEAT"}')
+
+    @precondition(lambda self: self.tracked)
+    @rule(data=st.data())
+    def close(self, data: st.DataObject) -> None:
+        x = data.draw(st.sampled_from(self.tracked))
+        session = x.t.session
+        if session is not None:
+            self.w.hub.depart(session, "closed")
+        elif x.t in self.w.hub.waiting:
+            x.withdrawn = True
+            self.w.hub.withdraw(x.t)
+
+    @rule(seconds=st.sampled_from([0.05, 0.1, 0.3, 0.6, 1.0, 2.5, 10.0]))
+    def wait(self, seconds: float) -> None:
+        self.w.clock.advance(seconds)
+
+    @invariant()
+    def registry_and_bookkeeping_agree(self) -> None:
+        hub = self.w.hub
+        for room in hub.rooms.values():
+            assert 0 < len(room.peers) <= 2
+            for peer_id, session in room.peers.items():
+                assert session.state != CLOSED and session.id == peer_id
+        for key, probe in hub.probes.items():
+            assert probe.key == key and probe.call is not None and probe.call.active()
+            assert 0 < len(probe.contenders) <= 4
+            for session in probe.asked:
+                assert hub.probed[session] is probe
+            for t, _req in probe.contenders:
+                assert hub.waiting[t] is probe
+        assert all(hub.probes[p.key] is p for p in hub.probed.values())
+        assert all(hub.probes[p.key] is p for p in hub.waiting.values())
+
+    @invariant()
+    def every_newcomer_gets_one_verdict_in_time(self) -> None:
+        for x in self.tracked:
+            types = x.t.types()
+            if types:
+                assert types[0] in ("OPEN", "ID-TAKEN", "ERROR"), types
+                if types[0] != "OPEN":
+                    assert len(types) == 1 and x.t.closed is not None and x.t.session is None
+                else:
+                    assert x.t.session is not None and x.t.session.id == x.id
+            elif not x.withdrawn:
+                assert self.now - x.knocked < WINDOW + 1e-9, (x.id, x.knocked, self.now)
+                assert x.t in self.w.hub.waiting
+
+    @invariant()
+    def a_holder_that_answered_is_never_replaced(self) -> None:
+        for x in self.tracked:
+            if x.replaced_at is not None and x.pinged:
+                last_ping = max(p for p in x.pinged if p <= x.replaced_at)
+                answered = [h for h in x.heard if last_ping <= h <= x.replaced_at]
+                silent_for = x.replaced_at - max(x.heard or [x.knocked])
+                assert not answered or silent_for > self.w.hub.config.dead_after, x.id
+
+    @invariant()
+    def one_ping_per_window(self) -> None:
+        for x in self.tracked:
+            gaps = [b - a for a, b in zip(x.pinged, x.pinged[1:], strict=False)]
+            assert all(gap >= WINDOW - 1e-9 for gap in gaps), x.pinged
+
+
+TestContention = Contention.TestCase

@@ -73,7 +73,7 @@ class Peer:
         self.factory = make_factory(world.hub)
         self.proto: PeerProtocol = self.factory.buildProtocol(
             IPv4Address("TCP", "127.0.0.1", 5000))
-        self.transport = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 5000))
+        self.transport = TCPLikeTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 5000))
         self.proto.makeConnection(self.transport)
         self.proto.dataReceived(handshake(query=f"key=peerjs&id={peer_id}&token={token}"))
         head, _, rest = self.transport.value().partition(b"\r\n\r\n")
@@ -103,6 +103,34 @@ def test_open_then_relay_through_the_adapter(world: World) -> None:
     a.proto.dataReceived(client_frame(offer))
     assert b.texts() == [{"type": "OFFER", "src": "alice", "dst": "bob",
                           "payload": {"sdp": "x" * 300}}]
+
+
+def test_a_newcomer_waiting_on_a_probe_opens_later_and_then_relays(world: World) -> None:
+    # Issue 16 through the adapter: the reconnect's 101 goes out at once, its OPEN when the
+    # silent holder's probe ends; the protocol gets its session then.
+    old, bob = Peer(world, "alice"), Peer(world, "bob")
+    old.frames(), bob.frames()
+    world.clock.advance(2.0)
+    new = Peer(world, "alice")
+    assert new.frames() == [] and new.proto.session is None
+    assert old.frames() == [(9, b"")]  # the holder is pinged
+    world.clock.advance(1.0)
+    assert new.texts() == [{"type": "OPEN"}] and new.proto.session is not None
+    assert old.transport.disconnecting  # closed 1000 and dropped
+    new.proto.dataReceived(client_frame(b'{"type":"OFFER","dst":"bob","payload":1}'))
+    assert bob.texts() == [{"type": "OFFER", "src": "alice", "dst": "bob", "payload": 1}]
+
+
+def test_a_newcomer_that_closes_while_waiting_leaves_the_holder_alone(world: World) -> None:
+    old = Peer(world, "alice")
+    world.clock.advance(2.0)
+    new = Peer(world, "alice")
+    assert world.hub.waiting
+    new.proto.connectionLost(Failure(ConnectionDone()))
+    assert not (world.hub.waiting or world.hub.probes or world.hub.probed)
+    world.clock.advance(5.0)
+    assert not old.transport.disconnecting
+    assert world.hub.rooms["room1"].peers["alice"] is old.proto.session
 
 
 def test_several_frames_in_one_read_and_frames_split_across_reads(world: World) -> None:
