@@ -121,10 +121,11 @@ class Hub:
         self.queued_bytes = 0
         self.rooms_with_queues: set[Room] = set()
         self.stats = Stats()
-        # Contention (see ``_contend``): open probes by key, the probe each asked peer is in,
-        # and the probe each waiting newcomer is in. All empty while nobody contends.
+        # Contention (see ``_contend``): open probes by key, the probes each asked peer is in
+        # (its id's, its room's seat's), and the probe each waiting newcomer is in. All empty
+        # while nobody contends.
         self.probes: dict[tuple[str, str], Probe] = {}
-        self.probed: dict[Session, Probe] = {}
+        self.probed: dict[Session, list[Probe]] = {}
         self.waiting: dict[PeerTransport, Probe] = {}
         self.started = clock.seconds()
         self.draining = False
@@ -256,26 +257,27 @@ class Hub:
         probe = self.probes.get(key)
         if probe is None:
             asked: dict[Session, float] = {}
-            for session in suspects:
+            ping: list[Session] = []
+            for session in suspects if window else ():
                 if now - session.pinged_at < window:
                     if session.last_seen < session.pinged_at:
                         asked[session] = session.pinged_at  # a ping is on its way
                 elif now - session.last_seen >= window * FRESH:
                     asked[session] = now
-            if not window or not asked:
+                    ping.append(session)
+            if not asked:
                 self._refuse(transport, req, key)
                 return
             probe = self.probes[key] = Probe(key, asked)
             for session in asked:
-                self.probed[session] = probe
+                self.probed.setdefault(session, []).append(probe)
             probe.contenders.append((transport, req))
             self.waiting[transport] = probe
             self.stats.probes["started"] += 1
             probe.call = self.clock.callLater(window, self._decide, probe)
-            for session, since in asked.items():
-                if since == now:
-                    session.pinged_at = now
-                    session.transport.send_ping()  # its pong may decide the probe at once
+            for session in ping:
+                session.pinged_at = now
+                session.transport.send_ping()  # its pong may decide the probe at once
             return
         if len(probe.contenders) >= MAX_CONTENDERS:
             self._refuse(transport, req, key)
@@ -294,10 +296,10 @@ class Hub:
             self._reject(transport, req, "room_full", room_full_text(self.config.room_size))
 
     def heard(self, session: Session) -> None:
-        """A pong from ``session``: decide its probe once every asked peer has answered."""
-        probe = self.probed.get(session)
-        if probe is not None and all(probe.answered(s) for s in probe.asked):
-            self._decide(probe)
+        """A pong from ``session``: decide each probe of it whose asked peers all answered."""
+        for probe in list(self.probed.get(session, ())):
+            if self.probes.get(probe.key) is probe and all(map(probe.answered, probe.asked)):
+                self._decide(probe)
 
     def withdraw(self, transport: PeerTransport) -> None:
         """A waiting newcomer closed: it leaves its probe, and a probe nobody waits on ends
@@ -314,7 +316,9 @@ class Hub:
             probe.call.cancel()
         del self.probes[probe.key]
         for session in probe.asked:
-            if self.probed.get(session) is probe:
+            probes = self.probed[session]
+            probes.remove(probe)
+            if not probes:
                 del self.probed[session]
         for transport, _req in probe.contenders:
             self.waiting.pop(transport, None)
@@ -326,7 +330,8 @@ class Hub:
         For an id: a holder that answered keeps it (ID-TAKEN to every contender); a silent
         one is presumed dead and replaced by the first contender, as a takeover (no LEAVE);
         a holder gone meanwhile leaves an ordinary join. For a seat: the silent members are
-        dropped, with LEAVE, and the contenders join anew in order.
+        dropped, with LEAVE, and the contenders join anew in order (a member silent past a
+        heartbeat by then is asked in turn: a seat's newcomer may wait a window a member).
         """
         contenders = self._end(probe)
         now = self.clock.seconds()
@@ -357,9 +362,9 @@ class Hub:
     def _settle(self, session: Session) -> None:
         """``session`` is no longer its place's holder: a probe asking it decides now."""
         if self.probed:
-            probe = self.probed.get(session)
-            if probe is not None:
-                self._decide(probe)
+            for probe in list(self.probed.get(session, ())):
+                if self.probes.get(probe.key) is probe:
+                    self._decide(probe)
 
     def _register(self, session: Session, outcome: str) -> None:
         room = session.room

@@ -233,6 +233,19 @@ def test_no_probe_when_off() -> None:
     assert knock(w, "alice").messages() == ID_TAKEN and old.pings == 0
 
 
+def test_a_refused_contender_does_not_hold_back_the_sweeps_ping() -> None:
+    # Found by the fuzz model: with probes off, a contender marked the holder as pinged
+    # without pinging it, so the sweep skipped its ping and dropped a live peer.
+    for probe in (0, 1.0):
+        w = World(takeover_probe=probe)
+        holder = w.connect("alice")  # answers every ping
+        w.advance(6.5)
+        knock(w, "alice")
+        w.advance(5.0)
+        assert holder.pings >= 1 and holder.session is not None
+        assert holder.session.state != CLOSED, probe
+
+
 @pytest.mark.parametrize("mode", ["token", "key", "none"])
 def test_every_room_mode_probes(mode: str) -> None:
     w = World(room_by=mode)
@@ -265,7 +278,7 @@ class Tracked:
 class Contention(RuleBasedStateMachine):
     """Knocks for a few ids in one room of two, holders that answer or not, closes on both
     sides and time passing, in any order. After every step: the registry and the probes'
-    bookkeeping agree, every newcomer has its one verdict within the probe window, a holder
+    bookkeeping agree, every newcomer has its one verdict in bounded time, a holder
     that answered its last ping is never replaced, and a holder is pinged at most once per
     window (no sweeps run here, so every ping is a probe's)."""
 
@@ -327,7 +340,10 @@ class Contention(RuleBasedStateMachine):
 
     @rule(seconds=st.sampled_from([0.05, 0.1, 0.3, 0.6, 1.0, 2.5, 10.0]))
     def wait(self, seconds: float) -> None:
-        self.w.clock.advance(seconds)
+        # In steps, so that timers run when due, as the reactor runs them (Clock.advance
+        # runs a timer with the clock already at the end of the jump).
+        steps = round(seconds / 0.05)
+        self.w.clock.pump([seconds / steps] * steps)
 
     @invariant()
     def registry_and_bookkeeping_agree(self) -> None:
@@ -340,10 +356,10 @@ class Contention(RuleBasedStateMachine):
             assert probe.key == key and probe.call is not None and probe.call.active()
             assert 0 < len(probe.contenders) <= 4
             for session in probe.asked:
-                assert hub.probed[session] is probe
+                assert probe in hub.probed[session]
             for t, _req in probe.contenders:
                 assert hub.waiting[t] is probe
-        assert all(hub.probes[p.key] is p for p in hub.probed.values())
+        assert all(hub.probes[p.key] is p for ps in hub.probed.values() for p in ps)
         assert all(hub.probes[p.key] is p for p in hub.waiting.values())
 
     @invariant()
@@ -357,7 +373,9 @@ class Contention(RuleBasedStateMachine):
                 else:
                     assert x.t.session is not None and x.t.session.id == x.id
             elif not x.withdrawn:
-                assert self.now - x.knocked < WINDOW + 1e-9, (x.id, x.knocked, self.now)
+                # One window, or one per member when a seat's probe ends with a member
+                # replaced and the others, silent meanwhile, are asked in turn.
+                assert self.now - x.knocked < 3 * WINDOW + 1e-9, (x.id, x.knocked, self.now)
                 assert x.t in self.w.hub.waiting
 
     @invariant()
