@@ -15,6 +15,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
 from . import tokens
+from .auth import Verdict
 from .config import Config
 from .messages import (
     CLOSE_GOING_AWAY,
@@ -55,6 +56,13 @@ class JoinRequest(NamedTuple):
     token: str
     address: str
     origin: str = ""
+
+
+class Refusal(NamedTuple):
+    """Why a join (or a request for TURN credentials) is refused."""
+
+    outcome: str  # the peersig_connections_total label
+    message: str  # the ERROR text
 
 
 class OfflineQueue:
@@ -156,37 +164,45 @@ class Hub:
         # "~" cannot occur in a room name: what follows it is a signature or the like.
         return req.token.partition(tokens.SEP)[0]
 
+    def gate(self, req: JoinRequest, now: float) -> tuple[str, Verdict] | Refusal:
+        """The checks a join passes before the registry is looked at, in their order
+        (docs/protocol.md, Joining): the parameters, the key, the room name and the id
+        rules of the room mode, then the authorizer. The room name and the authorizer's
+        verdict, or why not. ``/ice`` asks the same of a request for TURN credentials."""
+        cfg = self.config
+        if not (req.id and req.token and req.key):
+            return Refusal("missing_params", E_MISSING_PARAMS)
+        if cfg.room_by != "key" and req.key != cfg.key:
+            return Refusal("invalid_key", E_INVALID_KEY)
+        name = self.room_name(req)
+        if cfg.room_by != "none" and not valid_room(name):
+            return Refusal("invalid_room", E_INVALID_ROOM)
+        if not valid_id(req.id):
+            return Refusal("invalid_id", E_INVALID_ID)
+        verdict = cfg.authorizer.authorize(req, name, cfg, now)
+        if not verdict.allowed:
+            return Refusal("unauthorized", verdict.message)
+        return name, verdict
+
     def join(self, transport: PeerTransport, req: JoinRequest) -> Session | None:
         """Register a peer, or reject it with an ERROR frame and a close."""
         cfg = self.config
-        if not (req.id and req.token and req.key):
-            self._reject(transport, req, "missing_params", E_MISSING_PARAMS)
-            return None
-        if cfg.room_by != "key" and req.key != cfg.key:
-            self._reject(transport, req, "invalid_key", E_INVALID_KEY)
-            return None
-        name = self.room_name(req)
-        if cfg.room_by != "none" and not valid_room(name):
-            self._reject(transport, req, "invalid_room", E_INVALID_ROOM)
-            return None
-        if not valid_id(req.id):
-            self._reject(transport, req, "invalid_id", E_INVALID_ID)
-            return None
         now = self.clock.seconds()
-        verdict = cfg.authorizer.authorize(req, name, cfg, now)
-        if not verdict.allowed:
-            self._reject(transport, req, "unauthorized", verdict.message)
+        admitted = self.gate(req, now)
+        if isinstance(admitted, Refusal):
+            self._reject(transport, req, *admitted)
             return None
+        name, verdict = admitted
         room = self.rooms.get(name)
         holder = room.peers.get(req.id) if room is not None else None
         if holder is not None:
             assert room is not None
+            if req.address != holder.address and self._address_full(req.address):
+                self._reject(transport, req, "address_full", E_ADDRESS_FULL)
+                return None
             cause = "authorizer" if verdict.takeover else self._may_take_over(holder, req, now)
             if cause is None:
                 self._contend(transport, req, (name, req.id), [holder], now)
-                return None
-            if req.address != holder.address and self._address_full(req.address):
-                self._reject(transport, req, "address_full", E_ADDRESS_FULL)
                 return None
             return self._take_over(holder, transport, req, now, cause)
         if len(self.sessions) >= cfg.max_peers:
@@ -274,7 +290,7 @@ class Hub:
             probe.contenders.append((transport, req))
             self.waiting[transport] = probe
             self.stats.probes["started"] += 1
-            probe.call = self.clock.callLater(window, self._decide, probe)
+            probe.call = self.clock.callLater(window, self._window_passed, probe)
             for session in ping:
                 session.pinged_at = now
                 session.transport.send_ping()  # its pong may decide the probe at once
@@ -324,18 +340,26 @@ class Hub:
             self.waiting.pop(transport, None)
         return probe.contenders
 
-    def _decide(self, probe: Probe) -> None:
+    def _window_passed(self, probe: Probe) -> None:
+        # The verdict waits for one more turn of the reactor: it runs timers before it reads
+        # the sockets, and after a busy second a pong may be waiting, unread, for this probe.
+        probe.call = self.clock.callLater(0, self._decide, probe, True)
+
+    def _decide(self, probe: Probe, window_passed: bool = False) -> None:
         """The verdict, when every asked peer answered, the window passed, or one left.
 
-        For an id: a holder that answered keeps it (ID-TAKEN to every contender); a silent
-        one is presumed dead and replaced by the first contender, as a takeover (no LEAVE);
-        a holder gone meanwhile leaves an ordinary join. For a seat: the silent members are
-        dropped, with LEAVE, and the contenders join anew in order (a member silent past a
-        heartbeat by then is asked in turn: a seat's newcomer may wait a window a member).
+        Only the window's end presumes anyone dead. For an id: a holder that answered keeps
+        it (ID-TAKEN to every contender); a silent one is replaced by the first contender,
+        as a takeover (no LEAVE); a holder gone meanwhile leaves an ordinary join. For a
+        seat: the silent members are dropped, with LEAVE (but not one whose own id is being
+        probed: that probe replaces it without a LEAVE), and the contenders join anew in
+        order; a member silent past a heartbeat by then is asked in turn, so a seat's
+        newcomer may wait a window a member.
         """
         contenders = self._end(probe)
         now = self.clock.seconds()
-        dead = [s for s in probe.asked if s.state == OPEN and not probe.answered(s)]
+        dead = [s for s in probe.asked if s.state == OPEN and not probe.answered(s)
+                and window_passed]
         here = any(s.state == OPEN for s in probe.asked)
         self.stats.probes["holder_dead" if dead else "holder_alive" if here else "holder_gone"] += 1
         if probe.key[1]:
@@ -352,12 +376,17 @@ class Hub:
                     holder.transport.abort_connection()
         else:
             for session in dead:
-                self.depart(session, "probe")
-                session.transport.abort_connection()
+                if not any(p.key[1] for p in self.probed.get(session, ())):
+                    self.depart(session, "probe")
+                    session.transport.abort_connection()
         for transport, req in contenders:
-            joined = self.join(transport, req)
-            if joined is not None:
-                transport.attach(joined)
+            try:
+                joined = self.join(transport, req)
+                if joined is not None:
+                    transport.attach(joined)
+            except Exception:
+                log.failure("a join that waited on a probe failed")
+                transport.close_with(CLOSE_INTERNAL, E_INTERNAL)
 
     def _settle(self, session: Session) -> None:
         """``session`` is no longer its place's holder: a probe asking it decides now."""

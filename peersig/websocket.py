@@ -154,6 +154,9 @@ def hide_origin(head: str) -> tuple[str, str | None, bool]:
     return "".join(lines), line[line.find(":") + 1:].strip(), upgrade
 
 
+# Frames a newcomer whose join waits on a probe may send before its OPEN, kept for it.
+MAX_EARLY_FRAMES = 16
+
 # The largest upgrade request head accepted: Twisted's HTTP parser takes 16 KiB of header
 # lines (not counting their line ends) besides the request line; this is a little more.
 MAX_HEAD = 20480
@@ -454,6 +457,12 @@ class PeerProtocol(WebSocketServerProtocol):
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         session = self.session
         if session is None:
+            # Its join waits on a probe: PeerJS sends what it queued as soon as the socket
+            # opens, before OPEN. A few frames wait for the session too.
+            if not isBinary and self in self.hub.waiting:
+                early = self.__dict__.setdefault("early", [])
+                if len(early) < MAX_EARLY_FRAMES:
+                    early.append(payload)
             return
         if isBinary:
             self.hub.stats.drops["binary"] += 1
@@ -489,6 +498,14 @@ class PeerProtocol(WebSocketServerProtocol):
 
     def attach(self, session: Session) -> None:
         self.session = session
+        for frame in self.__dict__.pop("early", ()):
+            if self.session is not None:
+                self.onMessage(frame, False)
+
+    def onCloseFrame(self, code: int, reasonRaw: bytes) -> Any:
+        if self.session is None and self.hub.waiting:
+            self.hub.withdraw(self)  # closing before its probe ended: the holder stays
+        return super().onCloseFrame(code, reasonRaw)
 
     def send_frame(self, frame: bytes) -> None:
         # A peer whose close is under way still sits in its room until its onClose runs

@@ -246,6 +246,87 @@ def test_a_refused_contender_does_not_hold_back_the_sweeps_ping() -> None:
         assert holder.session.state != CLOSED, probe
 
 
+# Found in review: only the end of a window presumes anyone dead.
+
+def test_a_member_pinged_for_a_seat_keeps_its_window_when_another_leaves() -> None:
+    w = World(room_size=2)
+    a, b = w.connect("a", responsive=False), w.connect("b", responsive=False)
+    w.clock.advance(6.0)
+    c = knock(w, "c")
+    assert a.pings == b.pings == 1
+    w.clock.advance(0.1)
+    w.close(a)  # a leaves: its seat is c's, and b still has 0.9 s to answer
+    assert c.types() == ["OPEN"] and not b.aborted and quiet(w)
+
+
+def test_a_sweep_dropping_one_member_does_not_drop_another_mid_window() -> None:
+    w = World(room_size=2)
+    ghost = w.connect("ghost", responsive=False)
+    w.clock.advance(6.0)
+    tab = w.connect("tab", responsive=False)  # a background tab: answers pings, no frames
+    w.clock.advance(6.0)
+    knock(w, "c")
+    w.hub.sweep()  # the ghost times out
+    assert ghost.aborted and not tab.aborted
+
+
+def test_a_member_replaced_by_its_reconnect_leaves_the_others_their_window() -> None:
+    w = World(room_by="key", room_size=2)
+    w.connect("a", key="game", token="ta", responsive=False)
+    b = w.connect("b", key="game", token="tb", responsive=False)
+    w.clock.advance(6.0)
+    c = knock(w, "c", key="game", token="tc")
+    w.clock.advance(0.1)
+    assert knock(w, "a", key="game", token="ta").types() == ["OPEN"]  # a's own token
+    assert not b.aborted
+    w.clock.advance(1.0)  # b never answered: it is dropped, and c gets its seat
+    assert b.aborted and c.types() == ["OPEN"] and quiet(w)
+
+
+def test_a_probe_takeover_respects_the_address_cap() -> None:
+    w = World(max_peers_per_ip=1)
+    w.connect("alice", address="10.0.0.1", responsive=False)
+    w.connect("x", address="10.0.0.2")
+    w.clock.advance(2.0)
+    refused = knock(w, "alice", address="10.0.0.2")
+    assert refused.messages()[0]["payload"]["msg"] == m.E_ADDRESS_FULL
+    assert w.hub.per_address == {"10.0.0.1": 1, "10.0.0.2": 1} and quiet(w)
+
+
+def test_the_verdict_waits_one_reactor_turn_after_the_window() -> None:
+    # Timers run before sockets are read: a pong that came in time may still be unread.
+    w = World()
+    holder = w.connect("alice", responsive=False)
+    w.clock.advance(2.0)
+    new = knock(w, "alice")
+    call = next(c for c in w.clock.getDelayedCalls() if c.getTime() == w.clock.seconds() + 1)
+    w.clock.rightNow = call.getTime()
+    w.clock.calls.remove(call)
+    call.func(*call.args)  # the window passed; the reactor reads the socket next
+    assert holder.session is not None
+    holder.session.alive()  # the pong that was waiting
+    w.clock.advance(0)
+    assert new.messages() == ID_TAKEN and not holder.aborted
+
+
+def test_a_contender_whose_join_fails_is_closed_and_the_others_get_theirs() -> None:
+    w = World()
+    w.connect("alice", responsive=False)
+    w.clock.advance(2.0)
+    first, second = knock(w, "alice"), knock(w, "alice")
+    real = w.hub.join
+
+    def join(transport: FakeTransport, req: JoinRequest) -> object:
+        if transport is second:
+            raise RuntimeError("an authorizer broke")
+        return real(transport, req)
+
+    w.hub.join = join  # type: ignore[method-assign]
+    w.clock.advance(1.0)
+    assert first.types() == ["OPEN"]
+    assert second.closed == (m.CLOSE_INTERNAL, m.E_INTERNAL) and quiet(w)
+
+
 @pytest.mark.parametrize("mode", ["token", "key", "none"])
 def test_every_room_mode_probes(mode: str) -> None:
     w = World(room_by=mode)
@@ -270,9 +351,11 @@ class Tracked:
         self.id = peer_id
         self.knocked = now
         self.withdrawn = False
-        self.pinged: list[float] = []
+        self.pinged: list[float] = []  # by probes
+        self.pings: list[float] = []  # by probes and sweeps
         self.heard: list[float] = []
         self.replaced_at: float | None = None
+        self.dropped_at: float | None = None  # aborted by a probe
 
 
 class Contention(RuleBasedStateMachine):
@@ -286,6 +369,7 @@ class Contention(RuleBasedStateMachine):
         super().__init__()
         self.w = World(room_size=2, rate_limit=0, takeover_probe=WINDOW)
         self.tracked: list[Tracked] = []
+        self.sweeping = False
 
     @property
     def now(self) -> float:
@@ -298,7 +382,14 @@ class Contention(RuleBasedStateMachine):
         clock = self.w.clock
 
         def send_ping() -> None:
-            tracked.pinged.append(clock.seconds())
+            tracked.pings.append(clock.seconds())
+            if not self.sweeping:
+                tracked.pinged.append(clock.seconds())
+
+        def abort_connection() -> None:
+            if not self.sweeping and tracked.dropped_at is None:
+                tracked.dropped_at = clock.seconds()
+            FakeTransport.abort_connection(t)
 
         def close_with(code: int, reason: str) -> None:
             if reason == "Replaced by a new connection":
@@ -307,6 +398,7 @@ class Contention(RuleBasedStateMachine):
 
         t.send_ping = send_ping  # type: ignore[method-assign]
         t.close_with = close_with  # type: ignore[method-assign]
+        t.abort_connection = abort_connection  # type: ignore[method-assign]
         self.tracked.append(tracked)
         session = self.w.hub.join(t, JoinRequest("peerjs", peer_id, "room1", "127.0.0.1"))
         if session is not None:
@@ -337,6 +429,14 @@ class Contention(RuleBasedStateMachine):
         elif x.t in self.w.hub.waiting:
             x.withdrawn = True
             self.w.hub.withdraw(x.t)
+
+    @rule()
+    def sweep(self) -> None:
+        self.sweeping = True
+        try:
+            self.w.hub.sweep()
+        finally:
+            self.sweeping = False
 
     @rule(seconds=st.sampled_from([0.05, 0.1, 0.3, 0.6, 1.0, 2.5, 10.0]))
     def wait(self, seconds: float) -> None:
@@ -386,6 +486,15 @@ class Contention(RuleBasedStateMachine):
                 answered = [h for h in x.heard if last_ping <= h <= x.replaced_at]
                 silent_for = x.replaced_at - max(x.heard or [x.knocked])
                 assert not answered or silent_for > self.w.hub.config.dead_after, x.id
+
+    @invariant()
+    def a_probe_drops_only_who_stayed_silent_a_whole_window(self) -> None:
+        for x in self.tracked:
+            if x.dropped_at is not None:
+                # Some ping a whole window before, and not a word since.
+                asked = [p for p in x.pings if p <= x.dropped_at - WINDOW + 1e-9]
+                assert asked, (x.id, x.pings, x.dropped_at)
+                assert not [h for h in x.heard if asked[-1] <= h <= x.dropped_at], x.id
 
     @invariant()
     def one_ping_per_window(self) -> None:

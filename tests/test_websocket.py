@@ -133,6 +133,30 @@ def test_a_newcomer_that_closes_while_waiting_leaves_the_holder_alone(world: Wor
     assert world.hub.rooms["room1"].peers["alice"] is old.proto.session
 
 
+def test_what_a_waiting_newcomer_sends_before_its_open_is_kept_for_it(world: World) -> None:
+    old, bob = Peer(world, "alice"), Peer(world, "bob")
+    old.frames(), bob.frames()
+    world.clock.advance(2.0)
+    new = Peer(world, "alice")
+    for n in range(20):  # PeerJS sends its queue as soon as the socket opens
+        new.proto.dataReceived(client_frame(
+            json.dumps({"type": "CANDIDATE", "dst": "bob", "payload": n}).encode()))
+    assert bob.frames() == []
+    world.clock.advance(1.0)
+    assert new.texts() == [{"type": "OPEN"}]
+    assert [f["payload"] for f in bob.texts()] == list(range(16))  # at most 16 are kept
+
+
+def test_a_close_frame_from_a_waiting_newcomer_ends_its_wait(world: World) -> None:
+    old = Peer(world, "alice")
+    world.clock.advance(2.0)
+    new = Peer(world, "alice")
+    new.proto.dataReceived(client_frame((1000).to_bytes(2, "big"), opcode=8))
+    assert not world.hub.waiting
+    world.clock.advance(2.0)
+    assert not old.transport.disconnecting and new.proto.session is None
+
+
 def test_several_frames_in_one_read_and_frames_split_across_reads(world: World) -> None:
     a, b = Peer(world, "alice"), Peer(world, "bob")
     a.frames(), b.frames()
