@@ -37,6 +37,10 @@ class Config:
     bad_frame_limit: int = 10  # more bad frames than this within bad_frame_window: cut
     bad_frame_window: float = 10.0
     takeover_probe: float = 1.0
+    # STUN/TURN URLs for GET {path}{key}/ice, and coturn's static-auth-secret (TURN REST).
+    ice_servers: tuple[str, ...] = field(default_factory=tuple)
+    turn_secret: bytes | None = None
+    turn_ttl: int = 86400
     drain_timeout: float = 5.0
     handshake_timeout: float = 5.0
     log_peers: bool = False

@@ -56,6 +56,8 @@ class HubCollector:
                         "started, and each verdict.", "outcome", stats.probes)
         yield _labelled("peersig_takeovers", "Ids taken over by a newcomer, by cause.",
                         "cause", stats.takeovers)
+        yield _labelled("peersig_ice_requests", "Requests for ICE servers and TURN credentials: "
+                        "issued, or why they were refused.", "outcome", stats.ice)
         yield CounterMetricFamily("peersig_expiries", "EXPIRE notices sent to senders.",
                                   value=stats.expiries)
         yield CounterMetricFamily("peersig_rate_limited", "Frames dropped by the rate limit.",

@@ -197,12 +197,12 @@ class Hub:
         holder = room.peers.get(req.id) if room is not None else None
         if holder is not None:
             assert room is not None
-            if req.address != holder.address and self._address_full(req.address):
-                self._reject(transport, req, "address_full", E_ADDRESS_FULL)
-                return None
             cause = "authorizer" if verdict.takeover else self._may_take_over(holder, req, now)
             if cause is None:
                 self._contend(transport, req, (name, req.id), [holder], now)
+                return None
+            if req.address != holder.address and self._address_full(req.address):
+                self._reject(transport, req, "address_full", E_ADDRESS_FULL)
                 return None
             return self._take_over(holder, transport, req, now, cause)
         if len(self.sessions) >= cfg.max_peers:
@@ -368,12 +368,16 @@ class Hub:
                 for transport, req in contenders:
                     self._refuse(transport, req, probe.key)
                 return
-            if dead:
+            while dead and contenders:
                 (transport, req), *contenders = contenders
+                if req.address != holder.address and self._address_full(req.address):
+                    self._reject(transport, req, "address_full", E_ADDRESS_FULL)
+                    continue
                 try:
                     transport.attach(self._take_over(holder, transport, req, now, "probe"))
                 finally:
                     holder.transport.abort_connection()
+                break
         else:
             for session in dead:
                 if not any(p.key[1] for p in self.probed.get(session, ())):

@@ -42,6 +42,7 @@ class Stats:
         "drops",
         "expiries",
         "history",
+        "ice",
         "probes",
         "rate_limited",
         "received",
@@ -68,6 +69,8 @@ class Stats:
         self.probes: Counter[str] = Counter()
         # takeovers by cause: silent, token, authorizer, probe
         self.takeovers: Counter[str] = Counter()
+        # GET {path}{key}/ice: issued, or why not (origin, rate_limit, invalid_key, ...)
+        self.ice: Counter[str] = Counter()
         self.expiries = 0
         self.rate_limited = 0
         self.sweep_errors = 0

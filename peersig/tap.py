@@ -18,6 +18,7 @@ from .auth import authorizers
 from .config import Config
 from .tls import CertificateError, load_options, split_description
 from .tokens import read_secret
+from .turn import valid_ice_url
 
 DEFAULT_PORT = "tcp:9000"
 ROOM_MODES = ("token", "key", "none")
@@ -101,6 +102,11 @@ class Options(usage.Options):
          "Seconds the holder of a place a newcomer wants (its id, a seat in a full room) "
          "has to answer a ping before it is presumed dead and replaced; 0 = no probe.",
          _non_negative_float],
+        ["turn-secret-file", None, None,
+         "File with coturn's static-auth-secret: /ice hands out TURN credentials "
+         "[default: none]."],
+        ["turn-ttl", None, 86400, "Seconds TURN credentials from /ice stay valid.",
+         _positive_int],
         ["handshake-timeout", None, 5.0,
          "Seconds a client has to complete its HTTP request or WebSocket handshake.",
          _positive_float],
@@ -119,6 +125,7 @@ class Options(usage.Options):
         super().__init__()
         self["port"] = []
         self["allowed-origin"] = []
+        self["ice-server"] = []
         self._cli_lists: set[str] = set()
 
     def parseOptions(self, options: list[str] | None = None) -> None:
@@ -143,6 +150,10 @@ class Options(usage.Options):
         """Origin that may connect and read HTTP (repeatable) [default: any]"""
         self._append_cli("allowed-origin", origin)
 
+    def opt_ice_server(self, url: str) -> None:
+        """STUN or TURN URL that GET {path}{key}/ice hands out (repeatable) [default: none]"""
+        self._append_cli("ice-server", url)
+
     def _append_cli(self, name: str, value: str) -> None:
         if name not in self._cli_lists:
             self._cli_lists.add(name)
@@ -165,7 +176,7 @@ class Options(usage.Options):
             value = environ.get(env_name(name))
             if value is not None:
                 self[name] = value.strip().lower() in ("1", "true", "yes", "on")
-        for name in ("port", "allowed-origin"):
+        for name in ("port", "allowed-origin", "ice-server"):
             value = environ.get(env_name(name))
             if value:
                 self[name] = [v.strip() for v in value.split(",") if v.strip()]
@@ -194,6 +205,20 @@ class Options(usage.Options):
                 secret = read_secret(self["secret-file"])
             except (OSError, ValueError) as e:
                 raise usage.UsageError(f"--secret-file: {e}") from None
+        turn_secret = None
+        if self["turn-secret-file"]:
+            try:
+                turn_secret = read_secret(self["turn-secret-file"])
+            except (OSError, ValueError) as e:
+                raise usage.UsageError(f"--turn-secret-file: {e}") from None
+            if self["turn-ttl"] < 1:
+                raise usage.UsageError("--turn-ttl must be at least 1")
+            if not any(url.startswith("turn") for url in self["ice-server"]):
+                raise usage.UsageError("--turn-secret-file needs a turn: or turns: --ice-server")
+        for url in self["ice-server"]:
+            if not valid_ice_url(url):
+                raise usage.UsageError(f"--ice-server {url}: not a stun:, stuns:, turn: or "
+                                       "turns: URL (host[:port], and ?transport=udp|tcp)")
         name = self["auth"] or ("hmac" if secret else "open")
         found = authorizers()
         if name not in found:
@@ -223,6 +248,9 @@ class Options(usage.Options):
             drain_timeout=self["drain-timeout"],
             handshake_timeout=self["handshake-timeout"],
             takeover_probe=self["takeover-probe"],
+            ice_servers=tuple(self["ice-server"]),
+            turn_secret=turn_secret,
+            turn_ttl=self["turn-ttl"],
             log_peers=bool(self["log-peers"]),
             allowed_origins=tuple(self["allowed-origin"]),
             secret=secret,

@@ -51,3 +51,36 @@ def ice_configuration(urls: tuple[str, ...], secret: bytes | None, ttl: int, pee
             entry.update(username=username, credential=credential(secret, username))
         servers.append(entry)
     return {"iceServers": servers, "ttl": ttl}
+
+
+class AddressRate:
+    """A token bucket per client address, for an HTTP route: ``burst`` requests at once,
+    then ``rate`` a second. At most ``max_addresses`` buckets: when they are all taken,
+    the full ones (addresses that have been quiet) are forgotten, and if none is full the
+    request is refused, so that a flood of addresses cannot grow the table."""
+
+    __slots__ = ("buckets", "burst", "max_addresses", "rate")
+
+    def __init__(self, rate: float, burst: int, max_addresses: int = 10000) -> None:
+        self.rate = rate
+        self.burst = burst
+        self.max_addresses = max_addresses
+        self.buckets: dict[str, tuple[float, float]] = {}  # address -> (tokens, at)
+
+    def _tokens(self, address: str, now: float) -> float:
+        tokens, at = self.buckets.get(address, (self.burst, now))
+        return min(float(self.burst), tokens + (now - at) * self.rate)
+
+    def allow(self, address: str, now: float) -> bool:
+        buckets = self.buckets
+        if address not in buckets and len(buckets) >= self.max_addresses:
+            for other in [a for a in buckets if self._tokens(a, now) >= self.burst]:
+                del buckets[other]
+            if len(buckets) >= self.max_addresses:
+                return False
+        tokens = self._tokens(address, now)
+        if tokens < 1:
+            buckets[address] = (tokens, now)
+            return False
+        buckets[address] = (tokens - 1, now)
+        return True

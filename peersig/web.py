@@ -22,15 +22,22 @@ from twisted.web.server import Request, Site
 from zope.interface import implementer_only
 
 from . import __version__
+from .messages import E_RATE_LIMIT
 from .metrics import CONTENT_TYPE, make_registry, render, summary
-from .rooms import Hub
-from .websocket import PeerFactory, PeerProtocol
+from .rooms import Hub, JoinRequest, Refusal
+from .turn import AddressRate, ice_configuration
+from .websocket import PeerFactory, PeerProtocol, client_address
 
 BANNER = {
     "name": "peersig",
     "description": "A PeerJS-compatible WebRTC signaling server.",
     "version": __version__,
 }
+
+
+# GET {path}{key}/ice per client address: a burst of 10, then one a second.
+ICE_BURST = 10
+ICE_RATE = 1.0
 
 
 class Root(Resource):
@@ -42,6 +49,8 @@ class Root(Resource):
         self.websocket = websocket
         self.path = hub.config.path
         self.metrics = make_registry(hub)
+        # A page asks once per Peer it creates, and again on a reconnect.
+        self.ice_rate = AddressRate(ICE_RATE, ICE_BURST)
 
     def render(self, request: Request) -> Any:
         raw = request.path.decode("utf-8", "replace")
@@ -73,6 +82,8 @@ class Root(Resource):
                     return self.hub.new_id(key).encode()
                 if what == "peers":
                     return self._peers(request, key)
+                if what == "ice":
+                    return self._ice(request, key)
         request.setResponseCode(404)
         request.setHeader(b"content-type", b"text/plain; charset=utf-8")
         return b"Not found"
@@ -120,6 +131,40 @@ class Root(Resource):
             "uptime": round(hub.clock.seconds() - hub.started, 3),
         })
 
+    def _ice(self, request: Request, key: str) -> bytes:
+        """``GET {path}{key}/ice?id=ID&token=TOKEN``: an RTCConfiguration with the
+        configured STUN/TURN servers and TURN credentials for this peer (``turn.py``),
+        behind the same checks as a join (``Hub.gate``), the origin allowlist and a rate
+        limit per client address. A refusal is a 4xx with ``{"error": TEXT}``."""
+        hub = self.hub
+        cfg = hub.config
+        request.setHeader(b"cache-control", b"no-store")
+        raw_origin = request.getHeader(b"origin")
+        origin = raw_origin.decode("latin-1") if raw_origin is not None else ""
+        forwarded = request.getHeader(b"x-forwarded-for") or b""
+        headers = {"x-forwarded-for": forwarded.decode("latin-1")}
+        peer = getattr(request.getClientAddress(), "host", "")
+        address = client_address(peer, headers, cfg.trusted_proxies)
+        now = hub.clock.seconds()
+        if not cfg.ice_servers:
+            return _refuse(request, hub, 404, "not_configured", "No ICE servers configured")
+        # A browser leaves Origin out of a same-origin GET; a page of another origin sends
+        # it, and the allowlist judges it as it judges an upgrade.
+        if raw_origin is not None and not cfg.origin_allowed(origin):
+            return _refuse(request, hub, 403, "origin", "Origin not allowed")
+        if not self.ice_rate.allow(address, now):
+            return _refuse(request, hub, 429, "rate_limit", E_RATE_LIMIT)
+        args = request.args
+        req = JoinRequest(key, _arg(args, b"id"), _arg(args, b"token"), address, origin)
+        admitted = hub.gate(req, now)
+        if isinstance(admitted, Refusal):
+            status = 400 if admitted.outcome in ("missing_params", "invalid_id",
+                                                 "invalid_room") else 401
+            return _refuse(request, hub, status, admitted.outcome, admitted.message)
+        hub.stats.ice["issued"] += 1
+        return _json(request, ice_configuration(cfg.ice_servers, cfg.turn_secret,
+                                                cfg.turn_ttl, req.id, now))
+
     def _peers(self, request: Request, key: str) -> bytes:
         if not self.hub.config.allow_discovery:
             request.setResponseCode(401)
@@ -127,6 +172,17 @@ class Root(Resource):
             return b"Unauthorized"
         token = request.args.get(b"token", [b""])[0].decode("utf-8", "replace")
         return _json(request, self.hub.list_peers(key, token))
+
+
+def _arg(args: dict[bytes, list[bytes]], name: bytes) -> str:
+    values = args.get(name)
+    return values[0].decode("utf-8", "replace") if values else ""
+
+
+def _refuse(request: Request, hub: Hub, status: int, outcome: str, message: str) -> bytes:
+    hub.stats.ice[outcome] += 1
+    request.setResponseCode(status)
+    return _json(request, {"error": message})
 
 
 def _json(request: Request, value: object) -> bytes:

@@ -15,6 +15,7 @@ bash tests/browser/install.sh
 command -v systemd-analyze >/dev/null || { apt-get install -y systemd || { apt-get update && apt-get install -y systemd; }; }  # tests/test_operations.py
 command -v haproxy >/dev/null || [ -x /usr/sbin/haproxy ] || { apt-get install -y haproxy || { apt-get update && apt-get install -y haproxy; }; }  # tests/test_haproxy.py
 command -v nft >/dev/null || [ -x /usr/sbin/nft ] || { apt-get install -y nftables || { apt-get update && apt-get install -y nftables; }; }  # tests/test_process.py (a vanished network)
+command -v turnserver >/dev/null || { apt-get install -y coturn || { apt-get update && apt-get install -y coturn; }; }  # tests/test_turn.py, the TURN browser test
 
 ruff check .
 mypy

@@ -206,9 +206,22 @@ class PeerTab:
     def _t(self, method: str, *args: Any) -> Any:
         return self.page.evaluate("([m, a]) => T[m](...a)", [method, list(args)])
 
-    def start(self, endpoint: Endpoint, token: str, peer_id: str | None = None) -> None:
-        """Creates the Peer; `token` is the room under peersig's default --room-by token."""
-        self._t("start", {**endpoint.peer_options(), "token": token, "id": peer_id})
+    def start(self, endpoint: Endpoint, token: str, peer_id: str | None = None,
+              config: dict[str, Any] | None = None) -> None:
+        """Creates the Peer; `token` is the room under peersig's default --room-by token;
+        `config` its RTCConfiguration (default: no ICE servers)."""
+        self._t("start", {**endpoint.peer_options(), "token": token, "id": peer_id,
+                          "config": config})
+
+    def fetch_ice(self, url: str) -> dict[str, Any]:
+        """GET `url` from the page (a cross-origin fetch, as an app makes it)."""
+        config: dict[str, Any] = self._t("fetchIce", url)
+        return config
+
+    def selected_pairs(self) -> list[dict[str, str]]:
+        """(local, remote) candidate types of each open connection's selected pair."""
+        pairs: list[dict[str, str]] = self._t("selectedPairs")
+        return pairs
 
     def wait_open(self, ms: int = WAIT_MS) -> str:
         self.id = str(self._t("waitOpen", ms))

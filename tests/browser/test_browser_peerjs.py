@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,7 @@ from browser_harness import (
 )
 
 from bench.vanish import Vanish, unusable
+from tests.test_turn import SECRET, Coturn
 
 pytestmark = pytest.mark.browser
 
@@ -146,6 +148,43 @@ def test_reconnect_after_the_network_changed_opens_within_2s_and_keeps_the_call(
     assert other.events("signal") == [] or all(  # no LEAVE about the mover
         e["type"] != "LEAVE" for e in other.events("signal"))
     assert mover.state()["open"]
+
+
+@pytest.fixture(scope="module")
+def turn_relay(loopback_only: None, tmp_path_factory: pytest.TempPathFactory
+               ) -> Iterator[tuple[Coturn, PeersigServer]]:
+    """coturn with --use-auth-secret, and a peersig whose /ice hands out its credentials."""
+    folder = tmp_path_factory.mktemp("turn")
+    coturn = Coturn(folder, SECRET)
+    (folder / "secret").write_bytes(SECRET)
+    server = PeersigServer(folder, [
+        "--ice-server", f"turn:127.0.0.1:{coturn.port}?transport=udp",
+        "--turn-secret-file", str(folder / "secret")])
+    server.start()
+    yield coturn, server
+    server.stop()
+    coturn.stop()
+
+
+def test_pages_configured_from_ice_talk_through_the_turn_relay(
+    tabs: OpenTabs, turn_relay: tuple[Coturn, PeersigServer], room: str
+) -> None:
+    _coturn, server = turn_relay
+    caller, callee = tabs(2)
+    for tab, peer_id in ((caller, "caller"), (callee, "callee")):
+        config = tab.fetch_ice(f"{server.http}/peerjs/ice?id={peer_id}&token={room}")
+        assert config["iceServers"][0]["username"].endswith(f":{peer_id}")
+        tab.start(server.ws, room, peer_id, {**config, "iceTransportPolicy": "relay"})
+        tab.wait_open()
+    caller.connect("callee")
+    await_mesh([caller, callee])
+    exchange([caller, callee], "relayed")
+    report = caller.call("callee", ms=10000)
+    assert report["audioBytes"] > 0 and report["videoFrames"] > 0, report
+    for tab in (caller, callee):
+        pairs = tab.selected_pairs()
+        assert pairs == [{"local": "relay", "remote": "relay"}] * 2, (tab.name, pairs)
+    assert_healthy([caller, callee])
 
 
 def test_destroyed_peer_leaves_at_once_and_its_id_can_return(

@@ -89,8 +89,9 @@
   };
 
   window.T = {
-    start({ id, host, port, secure, path, key, token }) {
-      const options = { host, port, secure, path, key, token, config: { iceServers: [] }, debug: 1 };
+    start({ id, host, port, secure, path, key, token, config }) {
+      config ??= { iceServers: [] };
+      const options = { host, port, secure, path, key, token, config, debug: 1 };
       peer = id ? new Peer(id, options) : new Peer(options);
       // Observe (not alter) what the signaling server sends this peer.
       peer.socket.on("message", (m) => record("signal", { type: m.type, src: m.src ?? null }));
@@ -113,6 +114,32 @@
         () => events.find((e) => e.kind === "open" || e.kind === "error"));
       if (done.kind === "error") throw new Error(`peer failed to open: ${done.type}: ${done.message}`);
       return done.id;
+    },
+
+    // The page's own request for its RTCConfiguration (GET {path}{key}/ice), as an app
+    // would make it before new Peer(id, {config}).
+    async fetchIce(url) {
+      const response = await fetch(url);
+      const body = await response.json();
+      if (!response.ok) throw new Error(`ice: ${response.status} ${JSON.stringify(body)}`);
+      return body;
+    },
+
+    // The candidate types of the selected pair of every open peer connection.
+    async selectedPairs() {
+      const pairs = [];
+      const pcs = [...conns.values(), ...calls].map((c) => c.peerConnection)
+        .filter((pc) => pc && pc.connectionState !== "closed");
+      for (const pc of pcs) {
+        const stats = await pc.getStats();
+        stats.forEach((s) => {
+          if (s.type !== "transport" || !s.selectedCandidatePairId) return;
+          const pair = stats.get(s.selectedCandidatePairId);
+          pairs.push({ local: stats.get(pair.localCandidateId).candidateType,
+            remote: stats.get(pair.remoteCandidateId).candidateType });
+        });
+      }
+      return pairs;
     },
 
     waitError: (ms) => waitFor("a peer error", ms, () => events.find((e) => e.kind === "error")),
