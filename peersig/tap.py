@@ -198,19 +198,18 @@ class Options(usage.Options):
                 _check_certificate(description)
         self.built = self.config()
 
+    def _secret(self, option: str) -> bytes | None:
+        if not self[option]:
+            return None
+        try:
+            return read_secret(self[option])
+        except (OSError, ValueError) as e:
+            raise usage.UsageError(f"--{option}: {e}") from None
+
     def config(self) -> Config:
-        secret = None
-        if self["secret-file"]:
-            try:
-                secret = read_secret(self["secret-file"])
-            except (OSError, ValueError) as e:
-                raise usage.UsageError(f"--secret-file: {e}") from None
-        turn_secret = None
-        if self["turn-secret-file"]:
-            try:
-                turn_secret = read_secret(self["turn-secret-file"])
-            except (OSError, ValueError) as e:
-                raise usage.UsageError(f"--turn-secret-file: {e}") from None
+        secret = self._secret("secret-file")
+        turn_secret = self._secret("turn-secret-file")
+        if turn_secret is not None:
             if self["turn-ttl"] < 1:
                 raise usage.UsageError("--turn-ttl must be at least 1")
             if not any(url.startswith("turn") for url in self["ice-server"]):
