@@ -10,9 +10,12 @@ it once EXPIRY has passed, so peersig and coturn share nothing but the secret.
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import hmac
+import ipaddress
 import re
+from collections import OrderedDict
 from typing import Any
 
 # RFC 7064 (stun:, stuns:) and RFC 7065 (turn:, turns:) URIs: a host (a name, an IPv4
@@ -27,6 +30,19 @@ _ICE_URL = re.compile(
 def valid_ice_url(url: str) -> bool:
     """A ``stun:``, ``stuns:``, ``turn:`` or ``turns:`` URI as RTCIceServer.urls takes it."""
     return _ICE_URL.fullmatch(url) is not None
+
+
+# coturn refuses a username with a space in it, and one holding both "union" and "select"
+# (its guard against SQL in names): peers whose id it would refuse are named by a digest.
+_COTURN_NAME = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def turn_name(peer_id: str) -> str:
+    """The NAME of ``EXPIRY:NAME``: the peer id, or a digest of it where coturn would refuse it."""
+    lowered = peer_id.lower()
+    if _COTURN_NAME.fullmatch(peer_id) and not ("union" in lowered and "select" in lowered):
+        return peer_id
+    return hashlib.sha256(peer_id.encode()).hexdigest()[:32]
 
 
 def credential(secret: bytes, username: str) -> str:
@@ -47,17 +63,16 @@ def ice_configuration(urls: tuple[str, ...], secret: bytes | None, ttl: int, pee
     if relays:
         entry: dict[str, Any] = {"urls": relays}
         if secret is not None:
-            username = f"{int(now) + ttl}:{peer_id}"
+            username = f"{int(now) + ttl}:{turn_name(peer_id)}"
             entry.update(username=username, credential=credential(secret, username))
         servers.append(entry)
     return {"iceServers": servers, "ttl": ttl}
 
 
 class AddressRate:
-    """A token bucket per client address, for an HTTP route: ``burst`` requests at once,
-    then ``rate`` a second. At most ``max_addresses`` buckets: when they are all taken,
-    the full ones (addresses that have been quiet) are forgotten, and if none is full the
-    request is refused, so that a flood of addresses cannot grow the table."""
+    """A token bucket per client, for an HTTP route: ``burst`` requests at once, then
+    ``rate`` a second. A client is its IPv4 address, or its IPv6 /64 (what one subscriber
+    holds). At most ``max_addresses`` buckets: the least recently used goes first, in O(1)."""
 
     __slots__ = ("buckets", "burst", "max_addresses", "rate")
 
@@ -65,22 +80,17 @@ class AddressRate:
         self.rate = rate
         self.burst = burst
         self.max_addresses = max_addresses
-        self.buckets: dict[str, tuple[float, float]] = {}  # address -> (tokens, at)
-
-    def _tokens(self, address: str, now: float) -> float:
-        tokens, at = self.buckets.get(address, (self.burst, now))
-        return min(float(self.burst), tokens + (now - at) * self.rate)
+        self.buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()  # (tokens, at)
 
     def allow(self, address: str, now: float) -> bool:
+        if ":" in address:  # IPv6: its /64
+            with contextlib.suppress(ValueError):  # a scope id: the address itself
+                address = str(ipaddress.IPv6Network(f"{address}/64", strict=False))
         buckets = self.buckets
-        if address not in buckets and len(buckets) >= self.max_addresses:
-            for other in [a for a in buckets if self._tokens(a, now) >= self.burst]:
-                del buckets[other]
-            if len(buckets) >= self.max_addresses:
-                return False
-        tokens = self._tokens(address, now)
-        if tokens < 1:
-            buckets[address] = (tokens, now)
-            return False
-        buckets[address] = (tokens - 1, now)
-        return True
+        tokens, at = buckets.pop(address, (self.burst, now))
+        tokens = min(float(self.burst), tokens + (now - at) * self.rate)
+        allowed = tokens >= 1
+        buckets[address] = (tokens - 1 if allowed else tokens, now)
+        if len(buckets) > self.max_addresses:
+            buckets.popitem(last=False)
+        return allowed

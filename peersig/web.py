@@ -141,7 +141,8 @@ class Root(Resource):
         request.setHeader(b"cache-control", b"no-store")
         raw_origin = request.getHeader(b"origin")
         origin = raw_origin.decode("latin-1") if raw_origin is not None else ""
-        forwarded = request.getHeader(b"x-forwarded-for") or b""
+        # Every X-Forwarded-For line, as Autobahn joins them for the WebSocket.
+        forwarded = b", ".join(request.requestHeaders.getRawHeaders(b"x-forwarded-for", []))
         headers = {"x-forwarded-for": forwarded.decode("latin-1")}
         peer = getattr(request.getClientAddress(), "host", "")
         address = client_address(peer, headers, cfg.trusted_proxies)
@@ -158,9 +159,12 @@ class Root(Resource):
         req = JoinRequest(key, _arg(args, b"id"), _arg(args, b"token"), address, origin)
         admitted = hub.gate(req, now)
         if isinstance(admitted, Refusal):
-            status = 400 if admitted.outcome in ("missing_params", "invalid_id",
-                                                 "invalid_room") else 401
-            return _refuse(request, hub, status, admitted.outcome, admitted.message)
+            outcome, message = admitted
+            if outcome == "missing_params":  # the join's text names the WebSocket
+                missing = [n for n, v in (("id", req.id), ("token", req.token)) if not v]
+                message = f"Missing query parameters: {', '.join(missing)}"
+            status = 400 if outcome in ("missing_params", "invalid_id", "invalid_room") else 401
+            return _refuse(request, hub, status, outcome, message)
         hub.stats.ice["issued"] += 1
         return _json(request, ice_configuration(cfg.ice_servers, cfg.turn_secret,
                                                 cfg.turn_ttl, req.id, now))

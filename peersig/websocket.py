@@ -132,6 +132,15 @@ def not_an_upgrade(params: Mapping[str, list[str]]) -> str:
     return "Expected a WebSocket upgrade (a PeerJS client's WebSocket connects here)"
 
 
+# HTTP ends a header line at CRLF only (RFC 9112 section 2.2); str.splitlines, with which
+# Autobahn reads a request head, also ends one at these, and at a bare CR or LF. A byte such as
+# 0x85 (in a UTF-8 cookie, or put in X-Forwarded-For by a client behind nginx) would split a
+# header in two there, and the client's own part could become the forwarded address.
+_FALSE_LINE_ENDS = str.maketrans(dict.fromkeys("\x0b\x0c\x1c\x1d\x1e\x85", " "))
+_NOT_CRLF = re.compile("[\x0b\x0c\x1c\x1d\x1e\x85]|\r(?!\n)|(?<!\r)\n")
+_BARE_CR_OR_LF = re.compile("\r(?!\n)|(?<!\r)\n")
+
+
 def hide_origin(head: str) -> tuple[str, str | None, bool]:
     """``head`` (a request head, read as ISO-8859-1) with its one Origin header made a line
     Autobahn's parser skips (one starting with ':'), that header's value, and whether the
@@ -262,13 +271,20 @@ class PeerProtocol(WebSocketServerProtocol):
         without a host, an empty value) and ``null`` (the Origin of a page opened from a
         file); with ``setProtocolOptions`` its null flag is switched off again. So Autobahn
         is shown the request without its Origin header, and ``onConnect`` judges it.
+        Header lines end at CRLF alone: a bare CR or LF is refused with a 400, and the other
+        characters Python's splitlines ends a line at become spaces (see _FALSE_LINE_ENDS).
         A request without an Upgrade header (a newcomer's address bar) gets a 400 whose body
         says what ``not_an_upgrade`` says, where Autobahn would answer its status page (or,
         with that off, a bare 426 on newer versions and 400 on older).
         """
         end = self.data.find(b"\r\n\r\n")
         if end >= 0:
-            head, self.hidden_origin, upgrade = hide_origin(self.data[:end].decode("iso-8859-1"))
+            head = self.data[:end].decode("iso-8859-1")
+            if _BARE_CR_OR_LF.search(head):
+                self.failHandshake("Bare CR or LF in the request head")
+                return
+            head = head.translate(_FALSE_LINE_ENDS)  # one header line stays one line
+            head, self.hidden_origin, upgrade = hide_origin(head)
             if not upgrade:
                 target = head.partition("\n")[0].split()
                 query = urlsplit(target[1]).query if len(target) == 3 else ""
@@ -377,7 +393,10 @@ class PeerProtocol(WebSocketServerProtocol):
                 or self.autoPingInterval or self.trackedTimings or self.factory.externalPort \
                 or self.factory.headers:
             return False
-        lines = data[:end].decode("iso-8859-1").splitlines()  # as Autobahn reads it
+        text = data[:end].decode("iso-8859-1")
+        if _NOT_CRLF.search(text):
+            return False  # processHandshake makes it a head of CRLF lines, or refuses it
+        lines = text.split("\r\n")
         request_line = lines[0].split()
         if len(request_line) != 3 or request_line[0] != "GET" or request_line[2] != "HTTP/1.1":
             return False
@@ -572,6 +591,9 @@ def make_factory(hub: Hub, **kwargs: Any) -> PeerFactory:
         maxMessagePayloadSize=size,
         # Our JSON decoder rejects invalid UTF-8 itself.
         utf8validateIncoming=False,
+        # RFC 6455 only: an older draft's client would be judged by Sec-WebSocket-Origin,
+        # which onConnect does not read.
+        versions=[13],
         # Protocol failures (1009 for an oversize frame) send a close frame, not a bare RST.
         failByDrop=False,
         openHandshakeTimeout=hub.config.handshake_timeout,

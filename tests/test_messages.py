@@ -139,6 +139,16 @@ def test_the_cut_emoji_offer_is_relayed_byte_for_byte() -> None:
                    + CUT_EMOJI[CUT_EMOJI.index(b'"payload"'):])
 
 
+def test_the_fallback_reads_a_bounded_number_of_members() -> None:
+    # A HEARTBEAT that forces the slow reader through thousands of members: refused.
+    many = b'{"type":"HEARTBEAT","x":"\\ud800"' + b',"a":0' * 10900 + b"}"
+    with pytest.raises(BadFrame) as e:
+        parse_frame(many)
+    assert e.value.reason == "bad_json"
+    members = b"".join(b',"k%d":0' % n for n in range(29))  # 32 in all
+    assert parse_frame(b'{"type":"OFFER","dst":"b","payload":"\\ud800"' + members + b"}")
+
+
 def test_a_lone_surrogate_in_dst_is_a_destination_like_any_other() -> None:
     msg = parse_frame(b'{"type":"OFFER","dst":"b\\ud800","payload":"\\ud800"}')
     assert (msg.dst, msg.payload) == ("b\ud800", b'"\\ud800"')

@@ -53,6 +53,16 @@ def test_credentials_follow_the_turn_rest_scheme() -> None:
     assert credential(SECRET, "1800086400:alice") == coturn_password(SECRET, "1800086400:alice")
 
 
+@pytest.mark.parametrize(("peer_id", "name"), [
+    ("alice", "alice"), ("p1_x-2", "p1_x-2"),
+    ("a b", hashlib.sha256(b"a b").hexdigest()[:32]),
+    ("reUNION-SELECTion", hashlib.sha256(b"reUNION-SELECTion").hexdigest()[:32]),
+])
+def test_the_username_names_the_peer_as_coturn_takes_it(peer_id: str, name: str) -> None:
+    relay = ice_configuration(URLS[1:2], SECRET, 60, peer_id, 100.0)["iceServers"][0]
+    assert relay["username"] == f"160:{name}"
+
+
 def test_without_a_secret_the_servers_come_without_credentials() -> None:
     assert ice_configuration(URLS, None, 600, "alice", 0.0) == {"iceServers": [
         {"urls": ["stun:turn.example.com:3478"]}, {"urls": list(URLS[1:])}], "ttl": 600}
@@ -73,11 +83,14 @@ def test_ice_urls_are_rfc_7064_and_7065_uris(url: str, valid: bool) -> None:
 
 def test_the_rate_per_address_is_a_bounded_token_bucket() -> None:
     rate = AddressRate(rate=1.0, burst=3, max_addresses=2)
-    assert [rate.allow("a", 0.0) for _ in range(4)] == [True, True, True, False]
-    assert rate.allow("a", 1.0) and not rate.allow("a", 1.0)
-    assert rate.allow("b", 1.0)
-    assert not rate.allow("c", 1.0)  # two buckets, neither full: the table does not grow
-    assert rate.allow("c", 10.0) and len(rate.buckets) <= 2  # quiet ones are forgotten
+    assert [rate.allow("192.0.2.1", 0.0) for _ in range(4)] == [True, True, True, False]
+    assert rate.allow("192.0.2.1", 1.0) and not rate.allow("192.0.2.1", 1.0)
+    assert rate.allow("192.0.2.2", 1.0) and rate.allow("192.0.2.3", 1.0)
+    assert len(rate.buckets) == 2  # the least recently used went
+    # An IPv6 subscriber holds a /64: rotating addresses in it buys nothing.
+    v6 = AddressRate(rate=1.0, burst=3)
+    assert [v6.allow(f"2001:db8::{n:x}", 0.0) for n in range(1, 6)] == [True] * 3 + [False] * 2
+    assert v6.allow("2001:db8:0:1::1", 0.0)
 
 
 # -- GET {path}{key}/ice in memory --------------------------------------------------------
@@ -122,8 +135,8 @@ def test_ice_answers_an_rtc_configuration_with_fresh_credentials() -> None:
     ({}, "id=alice&token=room1", "nope", {}, 401, "Invalid key provided", "invalid_key"),
     ({}, "id=bad%20id%20&token=room1", "peerjs", {}, 400, "Invalid id", "invalid_id"),
     ({}, "id=alice&token=bad%20room", "peerjs", {}, 400, "Invalid room name", "invalid_room"),
-    ({}, "id=alice", "peerjs", {}, 400, "No id, token, or key supplied to websocket server",
-     "missing_params"),
+    ({}, "id=alice", "peerjs", {}, 400, "Missing query parameters: token", "missing_params"),
+    ({}, "", "peerjs", {}, 400, "Missing query parameters: id, token", "missing_params"),
     ({"allowed_origins": ("https://game.example",)}, "id=alice&token=room1", "peerjs",
      {"Origin": "https://evil.example"}, 403, "Origin not allowed", "origin"),
     ({"secret": b"s" * 32, "authorizer": __import__("peersig.auth").auth.HMACAuthorizer()},
@@ -160,11 +173,11 @@ def test_ice_is_rate_limited_per_client_address() -> None:
     w.clock.advance(1.0)
     assert ice(w, address="192.0.2.7")[0] == 200
     assert w.hub.stats.ice == {"issued": 12, "rate_limit": 2}
-    # Behind a trusted proxy the forwarded address counts.
-    p = turn_world(trusted_proxies=1)
+    # Behind a trusted proxy the forwarded address counts, from every header line.
+    p = turn_world(trusted_proxies=2)
     for n in range(11):
-        status = ice(p, headers={"X-Forwarded-For": f"198.51.100.{n}"})[0]
-        assert status == 200
+        headers = {"X-Forwarded-For": f"198.51.100.{n}\r\nX-Forwarded-For: 10.0.0.1"}
+        assert ice(p, headers=headers)[0] == 200
 
 
 def test_ice_without_servers_is_not_found() -> None:
@@ -194,9 +207,13 @@ class Coturn:
              f"--pidfile={folder / 'turnserver.pid'}"],
             stdout=self.log.open("wb"), stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 10
-        while not self.binds():
-            assert self.proc.poll() is None, self.log.read_text()
-            assert time.monotonic() < deadline, self.log.read_text()
+        try:
+            while not self.binds():
+                assert self.proc.poll() is None, self.log.read_text()
+                assert time.monotonic() < deadline, self.log.read_text()
+        except BaseException:
+            self.stop()  # no coturn outlives a failed start
+            raise
 
     def binds(self) -> bool:
         """A STUN Binding request (RFC 8489) answered with a success response."""
@@ -254,6 +271,11 @@ def test_credentials_from_ice_complete_a_turn_allocation(tmp_path: Path, coturn:
         relay = json.loads(body)["iceServers"][1]
         assert relay["urls"] == [f"turn:127.0.0.1:{coturn.port}?transport=udp"]
         assert coturn.allocate(relay["username"], relay["credential"])
+        # Ids coturn would refuse as names (a space; "union" with "select") get a digest.
+        for peer_id in ("a%20b", "reunion-selection"):
+            other = json.loads(proc.get(f"/peerjs/ice?id={peer_id}&token=room1")[2])
+            relay_other = other["iceServers"][1]
+            assert coturn.allocate(relay_other["username"], relay_other["credential"]), peer_id
         # The same name and expiry signed with another secret, and an expired username
         # signed with the right one: coturn refuses both.
         assert not coturn.allocate(relay["username"],

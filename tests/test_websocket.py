@@ -599,6 +599,37 @@ def test_an_upgrade_without_origin_is_judged_by_the_allowlist_too(
     assert answer(World(allowed_origins=("null",)), two)[0].startswith(b"HTTP/1.1 400 ")
 
 
+@pytest.mark.parametrize("lean", [True, False], ids=["lean", "autobahn"])
+@pytest.mark.parametrize("separator", ["\x0b", "\x0c", "\x1c", "\x1d", "\x1e", "\x85"])
+def test_a_line_break_python_sees_does_not_split_a_header(
+        separator: str, lean: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A client behind nginx sends X-Forwarded-For: 6.6.6.6<0x85>; nginx appends the real
+    # address to the same line. str.splitlines ended the line at 0x85, and 6.6.6.6 counted
+    # as the client (found in review).
+    request = BROWSER.replace("Pragma", f"X-Forwarded-For: 6.6.6.6{separator}, 203.0.113.9"
+                                        "\r\nCookie: name=\xc3\x85sa\r\nPragma")
+    with monkeypatch.context() as m:
+        if not lean:
+            m.setattr(PeerProtocol, "_open", lambda self, data: False)
+        world = World(trusted_proxies=1)
+        _wire, opened, _ = answer(world, request)
+    assert opened
+    (session,) = world.hub.sessions
+    assert session.address == "203.0.113.9"
+
+
+@pytest.mark.parametrize("lean", [True, False], ids=["lean", "autobahn"])
+@pytest.mark.parametrize("bare", ["\r", "\n"])
+def test_a_bare_cr_or_lf_in_a_head_is_refused(bare: str, lean: bool,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    request = BROWSER.replace("Pragma", f"X-Forwarded-For: 6.6.6.6{bare}X-A: 1\r\nPragma")
+    with monkeypatch.context() as m:
+        if not lean:
+            m.setattr(PeerProtocol, "_open", lambda self, data: False)
+        wire, opened, _ = answer(World(trusted_proxies=1), request)
+    assert wire.startswith(b"HTTP/1.1 400 ") and not opened
+
+
 @pytest.mark.parametrize("allowed", [(), ("null", "file://")])
 @pytest.mark.parametrize("origin", ["null", "file://", "capacitor://localhost"])
 def test_cors_follows_the_same_allowlist(origin: str, allowed: tuple[str, ...]) -> None:
