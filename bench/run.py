@@ -36,6 +36,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from bench import vanish
 
@@ -62,6 +63,35 @@ def log(msg: str) -> None:
 
 
 # -- environment -------------------------------------------------------------------------
+
+
+def run_appendix(main: Any, prefix: str, doc: Path, render: Any, no_doc: bool) -> dict:
+    """Run the coroutine ``main`` of a benchmark whose report is appended to
+    docs/benchmarks.md (bench/soak.py, bench/storm.py); kill what it started whatever
+    happens; save its raw results as bench/results/PREFIX-DATE.json; unless ``no_doc``,
+    write ``render(results)`` to ``doc`` and refresh the appendices."""
+    try:
+        res = asyncio.run(main)
+    finally:
+        for pid in list(OWN_PIDS):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, 9)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    raw = RESULTS / f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    res["raw"] = str(raw.relative_to(ROOT))
+    raw.write_text(json.dumps(res, indent=1))
+    log(f"raw results: {raw}")
+    if not no_doc:
+        render_appendix(doc, render, res)
+        log(f"wrote {doc} and refreshed docs/benchmarks.md")
+    return res
+
+
+def render_appendix(doc: Path, render: Any, res: dict) -> None:
+    from bench import report
+
+    doc.write_text(render(res))
+    report.refresh_appendices()
 
 
 def raise_nofile(n: int = 262_144) -> int:

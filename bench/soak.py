@@ -48,14 +48,14 @@ from bench.loadgen import (
     text_frame,
 )
 from bench.run import (
-    OWN_PIDS,
-    RESULTS,
     ROOT,
     Server,
     git_describe,
     log,
     machine_facts,
     raise_nofile,
+    render_appendix,
+    run_appendix,
 )
 
 DOC = ROOT / "docs" / "benchmarks-soak.md"
@@ -850,8 +850,7 @@ async def amain(args: argparse.Namespace) -> dict:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.render:
-        DOC.write_text(render(json.loads(Path(args.render).read_text())))
-        report.refresh_appendices()
+        render_appendix(DOC, render, json.loads(Path(args.render).read_text()))
         return 0
     raise_nofile()
     try:
@@ -859,21 +858,7 @@ def main(argv: list[str] | None = None) -> int:
         uvloop.install()
     except ImportError:
         pass
-    try:
-        res = asyncio.run(amain(args))
-    finally:
-        for pid in list(OWN_PIDS):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, 9)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    raw = RESULTS / f"soak-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    res["raw"] = str(raw.relative_to(ROOT))
-    raw.write_text(json.dumps(res, indent=1))
-    log(f"raw results: {raw}")
-    if not args.no_doc:
-        DOC.write_text(render(res))
-        report.refresh_appendices()
-        log(f"wrote {DOC} and refreshed docs/benchmarks.md")
+    res = run_appendix(amain(args), "soak", DOC, render, args.no_doc)
     bad = [k for k, v in res["runs"].items() if not v.get("ok")]
     if bad:
         log(f"did not hold: {', '.join(bad)}")

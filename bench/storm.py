@@ -24,17 +24,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import os
 import sys
 import time
 from pathlib import Path
 
-from bench import report
 from bench.run import (
-    OWN_PIDS,
-    RESULTS,
     ROOT,
     Fleet,
     Server,
@@ -46,6 +42,8 @@ from bench.run import (
     log,
     machine_facts,
     raise_nofile,
+    render_appendix,
+    run_appendix,
     steal_pct,
 )
 
@@ -195,8 +193,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.render:
-        DOC.write_text(render(json.loads(Path(args.render).read_text())))
-        report.refresh_appendices()
+        render_appendix(DOC, render, json.loads(Path(args.render).read_text()))
         return 0
     args.fd_limit = raise_nofile()
     if args.gen_cpu is not None:
@@ -205,21 +202,7 @@ def main(argv: list[str] | None = None) -> int:
         ensure_node_packages(with_ws=False)
     if not ensure_uvloop():
         args.loop = "asyncio"
-    try:
-        res = asyncio.run(amain(args))
-    finally:
-        for pid in list(OWN_PIDS):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, 9)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    raw = RESULTS / f"storm-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    res["raw"] = str(raw.relative_to(ROOT))
-    raw.write_text(json.dumps(res, indent=1))
-    log(f"raw results: {raw}")
-    if not args.no_doc:
-        DOC.write_text(render(res))
-        report.refresh_appendices()
-        log(f"wrote {DOC} and refreshed docs/benchmarks.md")
+    run_appendix(amain(args), "storm", DOC, render, args.no_doc)
     return 0
 
 

@@ -136,9 +136,11 @@ def not_an_upgrade(params: Mapping[str, list[str]]) -> str:
 # Autobahn reads a request head, also ends one at these, and at a bare CR or LF. A byte such as
 # 0x85 (in a UTF-8 cookie, or put in X-Forwarded-For by a client behind nginx) would split a
 # header in two there, and the client's own part could become the forwarded address.
-_FALSE_LINE_ENDS = str.maketrans(dict.fromkeys("\x0b\x0c\x1c\x1d\x1e\x85", " "))
-_NOT_CRLF = re.compile("[\x0b\x0c\x1c\x1d\x1e\x85]|\r(?!\n)|(?<!\r)\n")
-_BARE_CR_OR_LF = re.compile("\r(?!\n)|(?<!\r)\n")
+_FALSE_LINE_END_CHARS = "\x0b\x0c\x1c\x1d\x1e\x85"
+_FALSE_LINE_ENDS = str.maketrans(dict.fromkeys(_FALSE_LINE_END_CHARS, " "))
+_BARE_CR_OR_LF = "\r(?!\n)|(?<!\r)\n"
+_NOT_CRLF = re.compile(f"[{_FALSE_LINE_END_CHARS}]|{_BARE_CR_OR_LF}")
+_BARE_CR_OR_LF_RE = re.compile(_BARE_CR_OR_LF)
 
 
 def hide_origin(head: str) -> tuple[str, str | None, bool]:
@@ -280,7 +282,7 @@ class PeerProtocol(WebSocketServerProtocol):
         end = self.data.find(b"\r\n\r\n")
         if end >= 0:
             head = self.data[:end].decode("iso-8859-1")
-            if _BARE_CR_OR_LF.search(head):
+            if _BARE_CR_OR_LF_RE.search(head):
                 self.failHandshake("Bare CR or LF in the request head")
                 return
             head = head.translate(_FALSE_LINE_ENDS)  # one header line stays one line
