@@ -41,6 +41,15 @@ class Config:
     ice_servers: tuple[str, ...] = field(default_factory=tuple)
     turn_secret: bytes | None = None
     turn_ttl: int = 86400
+    # The admin API (admin.py): its endpoint and bearer token; off without them.
+    admin_port: str | None = None
+    admin_token: bytes | None = None
+    # Webhook receivers (webhooks.py), the secret that signs their events, the events that
+    # may wait per receiver, and the seconds an event is retried for.
+    webhooks: tuple[str, ...] = field(default_factory=tuple)
+    webhook_secret: bytes | None = None
+    webhook_queue: int = 10000
+    webhook_retry: float = 300.0
     drain_timeout: float = 5.0
     handshake_timeout: float = 5.0
     log_peers: bool = False

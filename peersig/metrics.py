@@ -58,6 +58,12 @@ class HubCollector:
                         "cause", stats.takeovers)
         yield _labelled("peersig_ice_requests", "Requests for ICE servers and TURN credentials: "
                         "issued, or why they were refused.", "outcome", stats.ice)
+        yield _labelled("peersig_webhook_events", "Webhook events per receiver: delivered, "
+                        "dropped (queue full), rejected (4xx), failed (retried out), and "
+                        "retries.", "outcome", stats.webhooks)
+        yield GaugeMetricFamily("peersig_webhook_queue", "Webhook events waiting, all "
+                                "receivers together.",
+                                value=hub.events.queued() if hub.events is not None else 0)
         yield CounterMetricFamily("peersig_expiries", "EXPIRE notices sent to senders.",
                                   value=stats.expiries)
         yield CounterMetricFamily("peersig_rate_limited", "Frames dropped by the rate limit.",

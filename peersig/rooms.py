@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import uuid
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
@@ -108,15 +108,30 @@ class Probe:
 
 
 class Room:
-    __slots__ = ("name", "peers", "queued", "queues", "tag")
+    __slots__ = ("created", "name", "peers", "queued", "queues", "tag")
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, created: float = 0.0) -> None:
         self.name = name
+        self.created = created
         # Logs name a room by this digest: in token mode the room name is the token.
         self.tag = hashlib.sha256(name.encode()).hexdigest()[:12]
         self.peers: dict[str, Session] = {}
         self.queues: dict[str, OfflineQueue] = {}
         self.queued = 0  # messages in all queues of this room
+
+
+class EventSink(Protocol):
+    """Who hears of rooms starting and finishing and of peers joining and leaving
+    (``webhooks.Webhooks``). Called on the reactor thread, in the order things happen; it
+    must not block."""
+
+    def event(self, kind: str, room: str, peer: str | None = None,
+              reason: str | None = None) -> None:
+        """``kind``: room_started, peer_joined, peer_left (with the departure's reason) or
+        room_finished; ``room`` as the admin API names it (``Hub.public_name``)."""
+
+    def queued(self) -> int:
+        """Events not yet delivered."""
 
 
 class Hub:
@@ -137,6 +152,10 @@ class Hub:
         self.waiting: dict[PeerTransport, Probe] = {}
         self.started = clock.seconds()
         self.draining = False
+        # Set by the service when webhooks are configured.
+        self.events: EventSink | None = None
+        # Ids an operator removed with a ban: (room name, id) -> (until, the ERROR text).
+        self.bans: dict[tuple[str, str], tuple[float, str]] = {}
         # LEAVE on departure goes to the whole room, except in ``none`` mode, where the
         # "room" is everyone and only the peers one talked to are told.
         self._track_contacts = config.room_by == "none"
@@ -179,6 +198,10 @@ class Hub:
             return Refusal("invalid_room", E_INVALID_ROOM)
         if not valid_id(req.id):
             return Refusal("invalid_id", E_INVALID_ID)
+        if self.bans:
+            ban = self.bans.get((name, req.id))
+            if ban is not None and now < ban[0]:
+                return Refusal("banned", ban[1])
         verdict = cfg.authorizer.authorize(req, name, cfg, now)
         if not verdict.allowed:
             return Refusal("unauthorized", verdict.message)
@@ -221,7 +244,9 @@ class Hub:
             self._contend(transport, req, (name, ""), silent, now)
             return None
         if room is None:
-            room = self.rooms[name] = Room(name)
+            room = self.rooms[name] = Room(name, now)
+            if self.events is not None:
+                self.events.event("room_started", self.public_name(room))
         session = Session(self, transport, room, req.id, req.token, req.address, now)
         self._register(session, "opened")
         return session
@@ -408,6 +433,8 @@ class Hub:
         log.info("peer joined room {room} ({outcome})", event="connect", outcome=outcome,
                  room=room.tag, peers=len(room.peers), **self._who(session.id, session.address))
         session.transport.send_frame(OPEN_FRAME)
+        if self.events is not None and outcome == "opened":
+            self.events.event("peer_joined", self.public_name(room), session.id)
         queue = room.queues.pop(session.id, None)
         if queue is not None:
             self._drop_queue(room, queue)
@@ -571,6 +598,9 @@ class Hub:
             frame = leave_frame(session.id)
             for other in self._told_of_departure(session):
                 other.transport.send_frame(frame)
+        events = self.events
+        if events is not None:
+            events.event("peer_left", self.public_name(room), session.id, reason)
         if not room.peers:
             # Nobody left to deliver to or to tell: forget the room and its queues.
             del self.rooms[room.name]
@@ -578,6 +608,8 @@ class Hub:
                 self.queued_bytes -= queue.nbytes
             room.queues.clear()
             self.rooms_with_queues.discard(room)
+            if events is not None:
+                events.event("room_finished", self.public_name(room))
         self._settle(session)
 
     def _told_of_departure(self, session: Session) -> list[Session]:
@@ -586,6 +618,39 @@ class Hub:
         if not self._track_contacts:
             return list(peers.values())
         return [peers[i] for i in session.contacts or () if i in peers]
+
+    # -- operator control (admin.py) ----------------------------------------------------------
+
+    def public_name(self, room: Room) -> str:
+        """A room as the admin API and webhooks name it: in ``none`` mode the one namespace
+        is named by the key."""
+        return self.config.key if self.config.room_by == "none" else room.name
+
+    def room_named(self, name: str) -> Room | None:
+        """The room the admin API calls ``name`` (see ``public_name``), if it has peers."""
+        if self.config.room_by == "none":
+            return self.rooms.get("") if name == self.config.key else None
+        return self.rooms.get(name)
+
+    def remove(self, session: Session, reason: str, notify: bool = True) -> None:
+        """An operator removes a peer: ERROR with ``reason``, LEAVE to its room (unless
+        ``notify`` is false), then close 1008."""
+        session.transport.send_frame(error_frame(reason))
+        self.depart(session, "removed", notify)
+        session.transport.close_with(CLOSE_POLICY, reason)
+
+    def ban(self, room: str, peer_id: str, until: float, reason: str) -> None:
+        """Refuse ``peer_id`` in the room the admin API calls ``room`` until ``until``
+        (server clock), with ERROR ``reason``; the sweep forgets bans past their time."""
+        name = "" if self.config.room_by == "none" else room
+        self.bans[(name, peer_id)] = (until, reason)
+
+    def close_room(self, room: Room, reason: str) -> int:
+        """Remove every peer of ``room`` (nobody is left to hear a LEAVE); how many."""
+        peers = list(room.peers.values())
+        for session in peers:
+            self.remove(session, reason, notify=False)
+        return len(peers)
 
     # -- liveness --------------------------------------------------------------------------
 
@@ -608,6 +673,9 @@ class Hub:
             except Exception:
                 self.stats.sweep_errors += 1
                 log.failure("sweep failed for one peer")
+        if self.bans:
+            for key in [k for k, (until, _reason) in self.bans.items() if until <= now]:
+                del self.bans[key]
         try:
             self.expire_queues(now)
         except Exception:

@@ -17,11 +17,13 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from .admin import make_admin_site
 from .config import Config
 from .messages import CLOSE_GOING_AWAY
 from .rooms import Hub
 from .tls import ReloadingTLS, tls_endpoint, with_backlog
 from .web import QuietSite, Root
+from .webhooks import Webhooks, agent_post
 from .websocket import PeerFactory, make_factory
 
 log = Logger()
@@ -102,7 +104,10 @@ class PeersigService(MultiService):
         def check() -> None:
             elapsed = self.clock.seconds() - started
             left = self.factory.open_connections
-            if (not left and elapsed >= min(MIN_DRAIN_WINDOW, limit)) or elapsed >= limit:
+            # The departures' webhook events go out too, while the drain lasts.
+            sending = hub.events is not None and hub.events.queued()
+            if (not left and not sending and elapsed >= min(MIN_DRAIN_WINDOW, limit)) \
+                    or elapsed >= limit:
                 for protocol in list(left):
                     protocol.abort_connection()
                 poll.stop()
@@ -189,6 +194,15 @@ def make_service(config: Config, ports: list[str], reactor: Any) -> PeersigServi
         listening = StreamServerEndpointService(endpoint, site)
         listening._raiseSynchronously = True
         listening.setServiceParent(top)
+    if config.admin_port is not None and config.admin_token is not None:
+        admin = StreamServerEndpointService(serverFromString(reactor, config.admin_port),
+                                            make_admin_site(hub, config.admin_token))
+        admin._raiseSynchronously = True
+        admin.setServiceParent(top)
+    if config.webhooks and config.webhook_secret is not None:
+        hub.events = Webhooks(config.webhooks, config.webhook_secret, reactor,
+                              agent_post(reactor), hub.stats.webhooks, config.webhook_queue,
+                              config.webhook_retry)
     sweep = TimerService(config.sweep_interval, run_sweep, hub)
     sweep.clock = reactor
     sweep.setServiceParent(top)

@@ -52,6 +52,7 @@ class Stats:
         "sweep_seconds",
         "takeovers",
         "timing_tick",
+        "webhooks",
     )
 
     def __init__(self) -> None:
@@ -71,6 +72,9 @@ class Stats:
         self.takeovers: Counter[str] = Counter()
         # GET {path}{key}/ice: issued, or why not (origin, rate_limit, invalid_key, ...)
         self.ice: Counter[str] = Counter()
+        # webhook events: delivered, dropped (queue full), rejected (4xx), failed (gave up)
+        # and retries
+        self.webhooks: Counter[str] = Counter()
         self.expiries = 0
         self.rate_limited = 0
         self.sweep_errors = 0

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Mapping
 from typing import Any
+from urllib.parse import urlsplit
 
 from twisted.application.service import IService
 from twisted.python import usage
@@ -107,6 +108,19 @@ class Options(usage.Options):
          "[default: none]."],
         ["turn-ttl", None, 86400, "Seconds TURN credentials from /ice stay valid.",
          _positive_int],
+        ["admin-port", None, None,
+         "Twisted endpoint of the admin API, e.g. tcp:9001:interface=127.0.0.1 or "
+         "unix:/run/peersig/admin.sock [default: none]."],
+        ["admin-token-file", None, None,
+         "File with the bearer token the admin API requires (needed with --admin-port)."],
+        ["webhook-secret-file", None, None,
+         "File with the secret that signs webhook events (needed with --webhook)."],
+        ["webhook-queue", None, 10000,
+         "Webhook events that may wait per receiver; more are dropped and counted.",
+         _positive_int],
+        ["webhook-retry", None, 300.0,
+         "Seconds a webhook event is retried for while its receiver fails.",
+         _non_negative_float],
         ["handshake-timeout", None, 5.0,
          "Seconds a client has to complete its HTTP request or WebSocket handshake.",
          _positive_float],
@@ -126,6 +140,7 @@ class Options(usage.Options):
         self["port"] = []
         self["allowed-origin"] = []
         self["ice-server"] = []
+        self["webhook"] = []
         self._cli_lists: set[str] = set()
 
     def parseOptions(self, options: list[str] | None = None) -> None:
@@ -154,6 +169,10 @@ class Options(usage.Options):
         """STUN or TURN URL that GET {path}{key}/ice hands out (repeatable) [default: none]"""
         self._append_cli("ice-server", url)
 
+    def opt_webhook(self, url: str) -> None:
+        """http:// or https:// URL that room events are POSTed to (repeatable) [default: none]"""
+        self._append_cli("webhook", url)
+
     def _append_cli(self, name: str, value: str) -> None:
         if name not in self._cli_lists:
             self._cli_lists.add(name)
@@ -176,7 +195,7 @@ class Options(usage.Options):
             value = environ.get(env_name(name))
             if value is not None:
                 self[name] = value.strip().lower() in ("1", "true", "yes", "on")
-        for name in ("port", "allowed-origin", "ice-server"):
+        for name in ("port", "allowed-origin", "ice-server", "webhook"):
             value = environ.get(env_name(name))
             if value:
                 self[name] = [v.strip() for v in value.split(",") if v.strip()]
@@ -218,6 +237,18 @@ class Options(usage.Options):
             if not valid_ice_url(url):
                 raise usage.UsageError(f"--ice-server {url}: not a stun:, stuns:, turn: or "
                                        "turns: URL (host[:port], and ?transport=udp|tcp)")
+        admin_token = self._secret("admin-token-file")
+        if bool(self["admin-port"]) != (admin_token is not None):
+            raise usage.UsageError("--admin-port and --admin-token-file go together")
+        if self["admin-port"]:
+            _check_endpoint("--admin-port", self["admin-port"])
+        webhook_secret = self._secret("webhook-secret-file")
+        if self["webhook"] and webhook_secret is None:
+            raise usage.UsageError("--webhook needs --webhook-secret-file")
+        for url in self["webhook"]:
+            parts = urlsplit(url)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise usage.UsageError(f"--webhook {url}: not an http:// or https:// URL")
         name = self["auth"] or ("hmac" if secret else "open")
         found = authorizers()
         if name not in found:
@@ -250,6 +281,12 @@ class Options(usage.Options):
             ice_servers=tuple(self["ice-server"]),
             turn_secret=turn_secret,
             turn_ttl=self["turn-ttl"],
+            admin_port=self["admin-port"],
+            admin_token=admin_token,
+            webhooks=tuple(self["webhook"]),
+            webhook_secret=webhook_secret,
+            webhook_queue=self["webhook-queue"],
+            webhook_retry=self["webhook-retry"],
             log_peers=bool(self["log-peers"]),
             allowed_origins=tuple(self["allowed-origin"]),
             secret=secret,
@@ -266,6 +303,16 @@ def _check_certificate(description: str) -> None:
         load_options(private_key, cert_key, kw.get("extraCertChain"))
     except CertificateError as e:
         raise usage.UsageError(f"--port {description.split(':')[0]}:...: {e}") from None
+
+
+def _check_endpoint(option: str, description: str) -> None:
+    from twisted.internet import reactor
+    from twisted.internet.endpoints import serverFromString
+
+    try:
+        serverFromString(reactor, description)
+    except Exception as e:
+        raise usage.UsageError(f"{option} {description}: not an endpoint ({e})") from None
 
 
 def env_name(option: str) -> str:

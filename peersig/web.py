@@ -163,7 +163,8 @@ class Root(Resource):
             if outcome == "missing_params":  # the join's text names the WebSocket
                 missing = [n for n, v in (("id", req.id), ("token", req.token)) if not v]
                 message = f"Missing query parameters: {', '.join(missing)}"
-            status = 400 if outcome in ("missing_params", "invalid_id", "invalid_room") else 401
+            status = (400 if outcome in ("missing_params", "invalid_id", "invalid_room")
+                      else 403 if outcome == "banned" else 401)
             return _refuse(request, hub, status, outcome, message)
         hub.stats.ice["issued"] += 1
         return _json(request, ice_configuration(cfg.ice_servers, cfg.turn_secret,

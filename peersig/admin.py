@@ -1,0 +1,173 @@
+"""The admin API: an operator's view of the rooms, and removing peers and rooms.
+
+Served on its own endpoint (``--admin-port``), never on the public one. Every request needs
+``Authorization: Bearer <token>`` (the contents of ``--admin-token-file``; RFC 6750), else
+401. JSON in and out; ``docs/operations.md`` is the reference. Room names are those of the
+room mode; in ``none`` mode the one namespace is the room named by the key
+(``Hub.public_name``). Times are Unix milliseconds.
+
+- ``GET /rooms``: ``{"rooms": [{"room", "peers", "created"}]}``
+- ``GET /rooms/{room}``: ``{"room", "created", "peers": [{"id", "since"[, "address"]}]}``
+  (the address only with ``--log-peers``)
+- ``DELETE /rooms/{room}/peers/{id}[?reason=TEXT][&ban=SECONDS]``: ERROR ``reason``, LEAVE to
+  the room, close 1008; with ``ban`` the id is refused in that room, with that ERROR, for
+  that long (a ban applies even to an id not connected now).
+- ``DELETE /rooms/{room}``: every peer gets the ERROR and the close.
+
+A room with no peers does not exist: 404.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import math
+from typing import Any
+from urllib.parse import unquote
+
+from twisted.logger import Logger
+from twisted.web.resource import Resource
+from twisted.web.server import Request, Site
+
+from .rooms import Hub, Room
+
+log = Logger()
+
+DEFAULT_REASON = "Removed by the server"
+# An ERROR text, and the close reason (cut to 123 bytes there): one line of text.
+MAX_REASON = 200
+MAX_BAN_SECONDS = 30 * 86400
+# Bans held at once; the sweep forgets expired ones.
+MAX_BANS = 100_000
+
+
+class AdminError(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def _ms(seconds: float) -> int:
+    return int(seconds * 1000)
+
+
+class AdminRoot(Resource):
+    isLeaf = True
+
+    def __init__(self, hub: Hub, token: bytes) -> None:
+        super().__init__()
+        self.hub = hub
+        self.expected = b"Bearer " + token
+
+    def render(self, request: Request) -> bytes:
+        request.setHeader(b"content-type", b"application/json")
+        request.setHeader(b"cache-control", b"no-store")
+        given = request.getHeader(b"authorization") or b""
+        if not hmac.compare_digest(given, self.expected):
+            request.setHeader(b"www-authenticate", b'Bearer realm="peersig admin"')
+            return self._error(request, 401, "A valid bearer token is required")
+        try:
+            parts = [unquote(p, errors="strict") for p in request.path.decode().split("/")[1:]]
+            return json.dumps(self._route(request, request.method, parts)).encode()
+        except UnicodeDecodeError:
+            return self._error(request, 400, "The path is not UTF-8")
+        except AdminError as e:
+            return self._error(request, e.status, str(e))
+
+    def _error(self, request: Request, status: int, message: str) -> bytes:
+        request.setResponseCode(status)
+        return json.dumps({"error": message}).encode()
+
+    def _route(self, request: Request, method: bytes, parts: list[str]) -> Any:
+        if not parts or parts[0] != "rooms" or len(parts) > 4 or (
+                len(parts) == 3 or (len(parts) == 4 and parts[2] != "peers")):
+            raise AdminError(404, "Not found")
+        allowed = {1: (b"GET",), 2: (b"GET", b"DELETE"), 4: (b"DELETE",)}[len(parts)]
+        if method not in allowed:
+            request.setHeader(b"allow", b", ".join(allowed))
+            raise AdminError(405, "Method not allowed")
+        hub = self.hub
+        if len(parts) == 1:
+            return {"rooms": [{"room": hub.public_name(room), "peers": len(room.peers),
+                               "created": _ms(room.created)} for room in hub.rooms.values()]}
+        name = parts[1]
+        room = hub.room_named(name)
+        if len(parts) == 4:
+            return self._remove_peer(request, name, room, parts[3])
+        if room is None:
+            raise AdminError(404, "No such room")
+        if method == b"GET":
+            return self._describe(room)
+        reason = self._reason(request)
+        removed = hub.close_room(room, reason)
+        log.info("admin closed room {room}: {peers} peers removed", event="admin",
+                 room=room.tag, peers=removed)
+        return {"removed": removed}
+
+    def _describe(self, room: Room) -> Any:
+        show_address = self.hub.config.log_peers
+        peers = []
+        for session in room.peers.values():
+            peer = {"id": session.id, "since": _ms(session.connected_at)}
+            if show_address:
+                peer["address"] = session.address
+            peers.append(peer)
+        return {"room": self.hub.public_name(room), "created": _ms(room.created), "peers": peers}
+
+    def _remove_peer(self, request: Request, name: str, room: Room | None, peer_id: str) -> Any:
+        hub = self.hub
+        reason = self._reason(request)
+        ban = self._ban_seconds(request)
+        session = room.peers.get(peer_id) if room is not None else None
+        if session is None and ban is None:
+            raise AdminError(404, "No such peer in that room")
+        answer: dict[str, Any] = {"removed": session is not None}
+        if ban is not None:
+            if len(hub.bans) >= MAX_BANS:
+                raise AdminError(503, f"{MAX_BANS} bans are held already")
+            until = hub.clock.seconds() + ban
+            hub.ban(name, peer_id, until, reason)
+            answer["banned_until"] = _ms(until)
+        if session is not None:
+            hub.remove(session, reason)
+        log.info("admin removed a peer from room {room}", event="admin",
+                 room=session.room.tag if session else "-", ban=ban,
+                 **({"peer": peer_id} if hub.config.log_peers else {}))
+        return answer
+
+    def _reason(self, request: Request) -> str:
+        raw = request.args.get(b"reason")
+        if not raw:
+            return DEFAULT_REASON
+        try:
+            reason: str = raw[0].decode()
+        except UnicodeDecodeError:
+            raise AdminError(400, "reason is not UTF-8") from None
+        if not reason or len(reason) > MAX_REASON or not reason.isprintable():
+            raise AdminError(400, f"reason must be 1 to {MAX_REASON} printable characters")
+        return reason
+
+    def _ban_seconds(self, request: Request) -> float | None:
+        raw = request.args.get(b"ban")
+        if not raw:
+            return None
+        try:
+            seconds = float(raw[0])
+        except ValueError:
+            seconds = math.nan
+        if not 0 < seconds <= MAX_BAN_SECONDS:
+            raise AdminError(400, f"ban must be a number of seconds, up to {MAX_BAN_SECONDS}")
+        return seconds
+
+
+class AdminSite(Site):
+    """No access log (paths carry peer ids)."""
+
+    def log(self, request: Any) -> None:
+        pass
+
+
+def make_admin_site(hub: Hub, token: bytes) -> AdminSite:
+    site = AdminSite(AdminRoot(hub, token))
+    site.timeOut = 30
+    return site
