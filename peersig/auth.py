@@ -3,14 +3,15 @@
 Authorizers are Twisted plugins: any object providing ``IPlugin`` and ``IPeerAuthorizer``
 in a module under a ``twisted/plugins/`` folder on the Python path is found by
 ``getPlugins`` and chosen with ``--auth NAME``. peersig ships ``open`` (everyone may join;
-the default) and ``hmac`` (signed join tokens, see ``tokens.py``). ``docs/auth.md`` shows a
-user's own.
+the default), ``hmac`` (signed join tokens, see ``tokens.py``) and ``jwt`` (an identity
+provider's JWTs, see ``jwtauth.py``). ``docs/auth.md`` shows a user's own.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
+from twisted.internet.defer import Deferred
 from twisted.plugin import IPlugin, getPlugins
 from zope.interface import Attribute, Interface, implementer
 
@@ -28,6 +29,10 @@ class Verdict(NamedTuple):
     takeover: bool = False
     # The ERROR text a refused client gets.
     message: str = E_INVALID_TOKEN
+    # Not decided yet (the authorizer is fetching what it needs, such as keys): the join
+    # waits, without OPEN, and is asked again once this fires. The authorizer must decide
+    # the second time, or after a bounded number of waits.
+    later: Deferred[Any] | None = None
 
 
 ALLOW = Verdict(True)
@@ -41,7 +46,8 @@ class IPeerAuthorizer(Interface):
 
         ``request`` holds key, id, token, address (after --trusted-proxies) and origin;
         ``room`` is the room the --room-by mode gives; ``now`` is the server clock.
-        Called once per join attempt, on the reactor thread: it must not block.
+        Called once per join attempt, on the reactor thread: it must not block. An
+        authorizer that must first fetch something answers ``Verdict(False, later=d)``.
         """
 
 

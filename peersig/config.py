@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from .auth import IPeerAuthorizer, OpenAuthorizer
 
@@ -37,6 +37,13 @@ class Config:
     bad_frame_limit: int = 10  # more bad frames than this within bad_frame_window: cut
     bad_frame_window: float = 10.0
     takeover_probe: float = 1.0
+    # --auth jwt (jwtauth.py): where keys come from (a KeyFile or a JWKS), and the aud and
+    # iss claims required when set.
+    jwt_keys: Any = None
+    jwt_audience: str | None = None
+    jwt_issuer: str | None = None
+    # PEERS to a joining peer and JOIN to its room-mates (not in none mode).
+    room_events: bool = False
     # STUN/TURN URLs for GET {path}{key}/ice, and coturn's static-auth-secret (TURN REST).
     ice_servers: tuple[str, ...] = field(default_factory=tuple)
     turn_secret: bytes | None = None

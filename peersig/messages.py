@@ -251,6 +251,16 @@ def leave_frame(src: str) -> bytes:
     return f'{{"type":"LEAVE","src":"{src}"}}'.encode()
 
 
+def join_frame(src: str) -> bytes:
+    """``--room-events``: ``src`` (a valid id) joined the room."""
+    return f'{{"type":"JOIN","src":"{src}"}}'.encode()
+
+
+def peers_frame(ids: list[str]) -> bytes:
+    """``--room-events``: the other peers in the room, to one that just got OPEN."""
+    return _encode({"type": "PEERS", "payload": {"peers": ids}}).encode()
+
+
 def expire_frame(src: str, dst: str) -> bytes:
     """EXPIRE back to ``dst`` about unreachable ``src``; ``src`` may be any client text."""
     return _encode({"type": EXPIRE, "src": src, "dst": dst}).encode()

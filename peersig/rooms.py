@@ -11,6 +11,7 @@ import hashlib
 import uuid
 from typing import Any, NamedTuple, Protocol
 
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
@@ -36,7 +37,9 @@ from .messages import (
     Inbound,
     error_frame,
     expire_frame,
+    join_frame,
     leave_frame,
+    peers_frame,
     relay_frame,
     room_full_text,
     valid_id,
@@ -56,6 +59,12 @@ class JoinRequest(NamedTuple):
     token: str
     address: str
     origin: str = ""
+
+
+class Pending(NamedTuple):
+    """The authorizer has not decided yet: ask again once ``later`` fires."""
+
+    later: Deferred[Any]
 
 
 class Refusal(NamedTuple):
@@ -149,7 +158,8 @@ class Hub:
         # while nobody contends.
         self.probes: dict[tuple[str, str], Probe] = {}
         self.probed: dict[Session, list[Probe]] = {}
-        self.waiting: dict[PeerTransport, Probe] = {}
+        # A newcomer waiting on the authorizer (``Pending``) is in ``waiting`` with no probe.
+        self.waiting: dict[PeerTransport, Probe | None] = {}
         self.started = clock.seconds()
         self.draining = False
         # Set by the service when webhooks are configured.
@@ -183,11 +193,12 @@ class Hub:
         # "~" cannot occur in a room name: what follows it is a signature or the like.
         return req.token.partition(tokens.SEP)[0]
 
-    def gate(self, req: JoinRequest, now: float) -> tuple[str, Verdict] | Refusal:
+    def gate(self, req: JoinRequest, now: float) -> tuple[str, Verdict] | Refusal | Pending:
         """The checks a join passes before the registry is looked at, in their order
         (docs/protocol.md, Joining): the parameters, the key, the room name and the id
         rules of the room mode, then the authorizer. The room name and the authorizer's
-        verdict, or why not. ``/ice`` asks the same of a request for TURN credentials."""
+        verdict, why not, or that the authorizer has yet to decide. ``/ice`` asks the same
+        of a request for TURN credentials."""
         cfg = self.config
         if not (req.id and req.token and req.key):
             return Refusal("missing_params", E_MISSING_PARAMS)
@@ -203,6 +214,8 @@ class Hub:
             if ban is not None and now < ban[0]:
                 return Refusal("banned", ban[1])
         verdict = cfg.authorizer.authorize(req, name, cfg, now)
+        if verdict.later is not None:
+            return Pending(verdict.later)
         if not verdict.allowed:
             return Refusal("unauthorized", verdict.message)
         return name, verdict
@@ -214,6 +227,9 @@ class Hub:
         admitted = self.gate(req, now)
         if isinstance(admitted, Refusal):
             self._reject(transport, req, *admitted)
+            return None
+        if isinstance(admitted, Pending):
+            self._await_verdict(transport, req, admitted.later)
             return None
         name, verdict = admitted
         room = self.rooms.get(name)
@@ -250,6 +266,29 @@ class Hub:
         session = Session(self, transport, room, req.id, req.token, req.address, now)
         self._register(session, "opened")
         return session
+
+    def _await_verdict(self, transport: PeerTransport, req: JoinRequest,
+                       later: Deferred[Any]) -> None:
+        """The join waits, as a contender does (``waiting``, with no probe), until the
+        authorizer can decide; a newcomer that closes meanwhile is simply forgotten."""
+        self.waiting[transport] = None
+
+        def again(_: object) -> None:
+            if transport in self.waiting and self.waiting[transport] is None:
+                del self.waiting[transport]
+                self._join_later(transport, req)
+
+        later.addBoth(again)
+
+    def _join_later(self, transport: PeerTransport, req: JoinRequest) -> None:
+        """A join that waited (on a probe or the authorizer) is tried again."""
+        try:
+            joined = self.join(transport, req)
+            if joined is not None:
+                transport.attach(joined)
+        except Exception:
+            log.failure("a join that waited failed")
+            transport.close_with(CLOSE_INTERNAL, E_INTERNAL)
 
     def _address_full(self, address: str) -> bool:
         cap = self.config.max_peers_per_ip
@@ -409,13 +448,7 @@ class Hub:
                     self.depart(session, "probe")
                     session.transport.abort_connection()
         for transport, req in contenders:
-            try:
-                joined = self.join(transport, req)
-                if joined is not None:
-                    transport.attach(joined)
-            except Exception:
-                log.failure("a join that waited on a probe failed")
-                transport.close_with(CLOSE_INTERNAL, E_INTERNAL)
+            self._join_later(transport, req)
 
     def _settle(self, session: Session) -> None:
         """``session`` is no longer its place's holder: a probe asking it decides now."""
@@ -433,6 +466,8 @@ class Hub:
         log.info("peer joined room {room} ({outcome})", event="connect", outcome=outcome,
                  room=room.tag, peers=len(room.peers), **self._who(session.id, session.address))
         session.transport.send_frame(OPEN_FRAME)
+        if self.config.room_events:
+            self._tell_room(session, outcome)
         if self.events is not None and outcome == "opened":
             self.events.event("peer_joined", self.public_name(room), session.id)
         queue = room.queues.pop(session.id, None)
@@ -440,6 +475,18 @@ class Hub:
             self._drop_queue(room, queue)
             for _sender, frame in queue.frames:
                 session.transport.send_frame(frame)
+
+    def _tell_room(self, session: Session, outcome: str) -> None:
+        """``--room-events``: the newcomer gets PEERS (its room-mates' ids, in the order
+        they joined), and they get JOIN, unless it took its own id over (a reconnect:
+        nobody was told it left)."""
+        peers = session.room.peers
+        session.transport.send_frame(peers_frame([i for i in peers if i != session.id]))
+        if outcome == "opened":
+            frame = join_frame(session.id)
+            for other in peers.values():
+                if other is not session:
+                    other.transport.send_frame(frame)
 
     # -- relaying --------------------------------------------------------------------------
 

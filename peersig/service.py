@@ -19,6 +19,7 @@ from zope.interface import implementer
 
 from .admin import make_admin_site
 from .config import Config
+from .jwtauth import JWKS
 from .messages import CLOSE_GOING_AWAY
 from .rooms import Hub
 from .tls import ReloadingTLS, tls_endpoint, with_backlog
@@ -203,6 +204,8 @@ def make_service(config: Config, ports: list[str], reactor: Any) -> PeersigServi
         hub.events = Webhooks(config.webhooks, config.webhook_secret, reactor,
                               agent_post(reactor), hub.stats.webhooks, config.webhook_queue,
                               config.webhook_retry)
+    if isinstance(config.jwt_keys, JWKS):
+        reactor.callWhenRunning(config.jwt_keys.start, reactor)
     sweep = TimerService(config.sweep_interval, run_sweep, hub)
     sweep.clock = reactor
     sweep.setServiceParent(top)

@@ -125,13 +125,24 @@ class Options(usage.Options):
          "Seconds a client has to complete its HTTP request or WebSocket handshake.",
          _positive_float],
         ["auth", None, None,
-         "Authorizer plugin deciding who may join: open, hmac, or your own "
-         "[default: hmac with --secret-file, else open]."],
+         "Authorizer plugin deciding who may join: open, hmac, jwt, or your own "
+         "[default: hmac with --secret-file, jwt with --jwt-key-file or --jwks-url, "
+         "else open]."],
         ["secret-file", None, None,
          "File with the HMAC secret; peers then need signed join tokens [default: none]."],
+        ["jwt-key-file", None, None,
+         "File with the key verifying JWT join tokens (--auth jwt): an HS256 secret, or a "
+         "PEM public key or certificate [default: none]."],
+        ["jwks-url", None, None,
+         "URL of the identity provider's JWKS verifying JWT join tokens (--auth jwt) "
+         "[default: none]."],
+        ["jwt-audience", None, None, "The aud claim JWT join tokens must carry [default: none]."],
+        ["jwt-issuer", None, None, "The iss claim JWT join tokens must carry [default: none]."],
     ]
     optFlags: list[list[str | None]] = [
         ["allow-discovery", None, "Answer GET {path}{key}/peers with the room's ids."],
+        ["room-events", None, "Send a joining peer PEERS (the others' ids) and its room-mates "
+         "JOIN (not in none mode)."],
         ["log-peers", None, "Put peer ids and client addresses in log events."],
     ]
 
@@ -225,6 +236,26 @@ class Options(usage.Options):
         except (OSError, ValueError) as e:
             raise usage.UsageError(f"--{option}: {e}") from None
 
+    def _jwt_keys(self) -> Any:
+        from .jwtauth import JWKS, UnusableKey, load_key_file
+
+        path, url = self["jwt-key-file"], self["jwks-url"]
+        if path and url:
+            raise usage.UsageError("--jwt-key-file and --jwks-url: one or the other")
+        if path:
+            try:
+                return load_key_file(path)
+            except (OSError, UnusableKey) as e:
+                raise usage.UsageError(f"--jwt-key-file {path}: {e}") from None
+        if url:
+            parts = urlsplit(url)
+            local = parts.hostname in ("localhost", "127.0.0.1", "::1")
+            if parts.scheme != "https" and not (parts.scheme == "http" and local):
+                raise usage.UsageError(f"--jwks-url {url}: an https:// URL (keys fetched over "
+                                       "plain http could be anyone's; http only on loopback)")
+            return JWKS(url)
+        return None
+
     def config(self) -> Config:
         secret = self._secret("secret-file")
         turn_secret = self._secret("turn-secret-file")
@@ -249,13 +280,18 @@ class Options(usage.Options):
             parts = urlsplit(url)
             if parts.scheme not in ("http", "https") or not parts.hostname:
                 raise usage.UsageError(f"--webhook {url}: not an http:// or https:// URL")
-        name = self["auth"] or ("hmac" if secret else "open")
+        jwt_keys = self._jwt_keys()
+        if self["room-events"] and self["room-by"] == "none":
+            raise usage.UsageError("--room-events has no rooms to tell of in --room-by none")
+        name = self["auth"] or ("hmac" if secret else "jwt" if jwt_keys else "open")
         found = authorizers()
         if name not in found:
             raise usage.UsageError(f"--auth {name}: no such authorizer "
                                    f"(found: {', '.join(sorted(found))})")
         if name == "hmac" and secret is None:
             raise usage.UsageError("--auth hmac needs --secret-file")
+        if name == "jwt" and jwt_keys is None:
+            raise usage.UsageError("--auth jwt needs --jwt-key-file or --jwks-url")
         return Config(
             path=self["path"],
             key=self["key"],
@@ -291,6 +327,10 @@ class Options(usage.Options):
             allowed_origins=tuple(self["allowed-origin"]),
             secret=secret,
             authorizer=found[name],
+            jwt_keys=jwt_keys,
+            jwt_audience=self["jwt-audience"],
+            jwt_issuer=self["jwt-issuer"],
+            room_events=bool(self["room-events"]),
         )
 
 

@@ -18,13 +18,13 @@ from twisted.protocols.policies import ProtocolWrapper
 from twisted.python.failure import Failure
 from twisted.web.http import HTTPChannel
 from twisted.web.resource import Resource
-from twisted.web.server import Request, Site
+from twisted.web.server import NOT_DONE_YET, Request, Site
 from zope.interface import implementer_only
 
 from . import __version__
 from .messages import E_RATE_LIMIT
 from .metrics import CONTENT_TYPE, make_registry, render, summary
-from .rooms import Hub, JoinRequest, Refusal
+from .rooms import Hub, JoinRequest, Pending, Refusal
 from .turn import AddressRate, ice_configuration
 from .websocket import PeerFactory, PeerProtocol, client_address
 
@@ -131,7 +131,7 @@ class Root(Resource):
             "uptime": round(hub.clock.seconds() - hub.started, 3),
         })
 
-    def _ice(self, request: Request, key: str) -> bytes:
+    def _ice(self, request: Request, key: str) -> Any:
         """``GET {path}{key}/ice?id=ID&token=TOKEN``: an RTCConfiguration with the
         configured STUN/TURN servers and TURN credentials for this peer (``turn.py``),
         behind the same checks as a join (``Hub.gate``), the origin allowlist and a rate
@@ -157,7 +157,22 @@ class Root(Resource):
             return _refuse(request, hub, 429, "rate_limit", E_RATE_LIMIT)
         args = request.args
         req = JoinRequest(key, _arg(args, b"id"), _arg(args, b"token"), address, origin)
+        return self._ice_answer(request, req, now)
+
+    def _ice_answer(self, request: Request, req: JoinRequest, now: float) -> Any:
+        hub = self.hub
+        cfg = hub.config
         admitted = hub.gate(req, now)
+        if isinstance(admitted, Pending):  # the authorizer fetches keys: answer after
+            def again(_: object) -> None:
+                if not request.finished and not request._disconnected:
+                    answer = self._ice_answer(request, req, hub.clock.seconds())
+                    if answer is not NOT_DONE_YET:
+                        request.write(answer)
+                        request.finish()
+
+            admitted.later.addBoth(again)
+            return NOT_DONE_YET
         if isinstance(admitted, Refusal):
             outcome, message = admitted
             if outcome == "missing_params":  # the join's text names the WebSocket

@@ -36,13 +36,13 @@ from typing import Any
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
-from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.client import Agent, FileBodyProducer, HTTPConnectionPool
+from twisted.web.client import FileBodyProducer
 from twisted.web.http_headers import Headers
 
 from . import __version__
+from .httpclient import make_agent, read_body
 
 log = Logger()
 
@@ -202,43 +202,17 @@ class Webhooks:
                      outcome=outcome, why=why)
 
 
-class _Discard(Protocol):
-    """Reads a response body up to MAX_RESPONSE_BODY and throws it away."""
-
-    def __init__(self) -> None:
-        # Cancelled (a timeout) while the body still comes: the connection goes.
-        self.finished: Deferred[None] = Deferred(self.stop)
-        self.size = 0
-
-    def dataReceived(self, data: bytes) -> None:
-        self.size += len(data)
-        if self.size > MAX_RESPONSE_BODY and self.transport is not None:
-            self.transport.stopProducing()  # type: ignore[attr-defined]
-
-    def stop(self, _: Deferred[None]) -> None:
-        if self.transport is not None:
-            self.transport.stopProducing()  # type: ignore[attr-defined]
-
-    def connectionLost(self, reason: Failure | None = None) -> None:
-        if not self.finished.called:
-            self.finished.callback(None)
-
-
 def agent_post(reactor: Any) -> Post:
     """``Post`` through Twisted's HTTP client, keeping connections to each receiver."""
-    pool = HTTPConnectionPool(reactor)
-    pool.maxPersistentPerHost = MAX_IN_FLIGHT
-    pool.retryAutomatically = False  # a retry is ours to decide
-    agent = Agent(reactor, connectTimeout=REQUEST_TIMEOUT, pool=pool)
+    agent = make_agent(reactor, REQUEST_TIMEOUT, MAX_IN_FLIGHT)
 
     def post(url: bytes, body: bytes, headers: dict[bytes, bytes]) -> Deferred[int]:
         sent = agent.request(b"POST", url, Headers({k: [v] for k, v in headers.items()}),
                              FileBodyProducer(BytesIO(body)))
 
         def read(response: Any) -> Deferred[int]:
-            body = _Discard()
-            response.deliverBody(body)
-            return body.finished.addCallback(lambda _: response.code)
+            body = read_body(response, MAX_RESPONSE_BODY, keep=False)
+            return body.addCallback(lambda _: response.code)
 
         status = sent.addCallback(read)
         status.addTimeout(REQUEST_TIMEOUT, reactor)

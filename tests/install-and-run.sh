@@ -24,5 +24,5 @@ python3 -m pytest "$@"
 [ -x .venv-lowest/bin/python ] || python3 -m venv .venv-lowest
 .venv-lowest/bin/python -m pip "${install[@]}" --constraint tests/constraints-lowest.txt
 .venv-lowest/bin/python -m pip list --disable-pip-version-check 2>/dev/null \
-    | grep -iE '^(twisted|autobahn|prometheus.client|msgspec) '
+    | grep -iE '^(twisted|autobahn|prometheus.client|msgspec|pyjwt) '
 exec .venv-lowest/bin/python -m pytest "$@"

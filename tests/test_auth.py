@@ -98,7 +98,7 @@ def test_unknown_authorizer_is_a_usage_error(tmp_path: Path) -> None:
     result = subprocess.run(proc.command(), env=proc.environment(), capture_output=True,
                             text=True, timeout=30)
     assert result.returncode == 1
-    assert "--auth nonsense: no such authorizer (found: hmac, open)" in result.stderr
+    assert "--auth nonsense: no such authorizer (found: hmac, jwt, open)" in result.stderr
 
 
 @pytest.fixture(scope="module")

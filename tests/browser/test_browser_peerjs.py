@@ -24,6 +24,8 @@ from browser_harness import (
 )
 
 from bench.vanish import Vanish, unusable
+from tests.test_jwt import SECRET as JWT_SECRET
+from tests.test_jwt import mint
 from tests.test_turn import SECRET, Coturn
 
 pytestmark = pytest.mark.browser
@@ -185,6 +187,54 @@ def test_pages_configured_from_ice_talk_through_the_turn_relay(
         pairs = tab.selected_pairs()
         assert pairs == [{"local": "relay", "remote": "relay"}] * 2, (tab.name, pairs)
     assert_healthy([caller, callee])
+
+
+@pytest.fixture(scope="module")
+def events_server(loopback_only: None, tmp_path_factory: pytest.TempPathFactory
+                  ) -> Iterator[PeersigServer]:
+    """peersig with --room-events, and JWT join tokens (--auth jwt, an HS256 key)."""
+    folder = tmp_path_factory.mktemp("events")
+    (folder / "jwt.key").write_bytes(JWT_SECRET)
+    server = PeersigServer(folder, ["--room-events", "--auth", "jwt", "--jwt-key-file",
+                                    str(folder / "jwt.key")])
+    server.start()
+    yield server
+    server.stop()
+
+
+def test_stock_pages_with_jwt_tokens_read_peers_and_join_and_still_mesh_and_call(
+    tabs: OpenTabs, events_server: PeersigServer, room: str
+) -> None:
+    peers = tabs(3)
+    ids = ["ann", "ben", "cat"]
+    for tab, peer_id in zip(peers, ids, strict=True):
+        tab.start(events_server.ws, f"{room}~{mint(JWT_SECRET, 'HS256', sub=peer_id, room=room)}",
+                  peer_id)
+        tab.wait_open()
+        tab.id = peer_id
+    ann, ben, cat = peers
+    cat.wait_signal("PEERS", None)
+    for joined in ("ben", "cat"):
+        ann.wait_signal("JOIN", joined)
+    ben.wait_signal("JOIN", "cat")
+    signals = {tab.name: [(e["type"], e["src"], e.get("peers")) for e in tab.events("signal")]
+               for tab in peers}
+    assert signals[ann.name][:4] == [("OPEN", None, None), ("PEERS", None, []),
+                                     ("JOIN", "ben", None), ("JOIN", "cat", None)]
+    assert signals[cat.name][:2] == [("OPEN", None, None), ("PEERS", None, ["ann", "ben"])]
+    dial_mesh(peers)
+    await_mesh(peers)
+    exchange(peers, room)
+    report = ann.call("cat")
+    assert report["audioBytes"] > 0 and report["videoFrames"] > 0, report
+    assert_healthy(peers)
+    ben.destroy()
+    ann.wait_signal("LEAVE", "ben")
+    intruder, = tabs(1)
+    intruder.start(events_server.ws, f"{room}~{mint(JWT_SECRET, 'HS256', sub='ann', room=room)}",
+                   "eve")
+    error = intruder.wait_error()
+    assert (error.type, error.message) == ("server-error", "Invalid token provided")
 
 
 def test_destroyed_peer_leaves_at_once_and_its_id_can_return(

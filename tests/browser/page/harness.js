@@ -94,7 +94,10 @@
       const options = { host, port, secure, path, key, token, config, debug: 1 };
       peer = id ? new Peer(id, options) : new Peer(options);
       // Observe (not alter) what the signaling server sends this peer.
-      peer.socket.on("message", (m) => record("signal", { type: m.type, src: m.src ?? null }));
+      peer.socket.on("message", (m) => record("signal", {
+        type: m.type, src: m.src ?? null,
+        ...(m.type === "PEERS" ? { peers: m.payload.peers } : {}),
+      }));
       peer.on("open", (pid) => {
         document.getElementById("title").textContent = `peer ${pid}`;
         record("open", { id: pid });
