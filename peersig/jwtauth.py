@@ -113,8 +113,8 @@ class JWKS:
     """An identity provider's key set, by ``kid``.
 
     Fetched at startup and every ``JWKS_MAX_AGE`` (in the background, the cached keys
-    serving meanwhile). A token whose ``kid`` is unknown starts a fetch, at most one per
-    ``JWKS_MIN_INTERVAL``, and its join waits for it (``Verdict.later``); one that comes
+    serving meanwhile). A token whose ``kid`` is unknown starts a fetch, if none started or
+    ended within ``JWKS_MIN_INTERVAL``, and its join waits for it (``Verdict.later``); one that comes
     while a fetch is under way waits for that one. A key that has left the set is dropped
     with the next fetch. While the provider is unreachable the cached keys keep working and
     unknown kids are refused.
@@ -124,7 +124,7 @@ class JWKS:
         self.url = url
         self.keys: dict[str | None, KeyEntry] = {}
         self.fetched_at = -1e18  # last good fetch
-        self.attempted_at = -1e18  # last fetch started
+        self.attempted_at = -1e18  # last fetch started or ended
         self.in_flight: Deferred[None] | None = None
         self.failing = False
         self.clock: IReactorTime | None = None
@@ -166,6 +166,10 @@ class JWKS:
             fetched.errback()
 
         def finish(_: object) -> None:
+            # The interval counts from the end of a fetch too: a join that waited on this
+            # one and still finds no key is refused, not made to wait on another.
+            assert self.clock is not None
+            self.attempted_at = self.clock.seconds()
             self.in_flight = None
             done.callback(None)
 

@@ -14,7 +14,7 @@ import urllib.error
 import urllib.request
 from collections import Counter
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,7 @@ from websockets.sync.client import connect
 from peersig.webhooks import FIRST_BACKOFF, MAX_IN_FLIGHT, Webhooks, signature
 
 from .fakes import World
+from .localhttp import LocalServer
 from .serverproc import ServerProcess, free_port
 from .test_process import close_code, recv_json
 
@@ -295,31 +296,20 @@ def test_a_broken_client_counts_as_an_error(raises: bool) -> None:
 
 # -- against a real twistd ------------------------------------------------------------------
 
-class Receiver(ThreadingHTTPServer):
-    """A webhook receiver on 127.0.0.1 for the tests: records each event with its signature
-    header; ``hang`` holds every request until ``release``; ``status`` is its answer."""
-
-    daemon_threads = True
+class Receiver(LocalServer):
+    """A webhook receiver: records each event with its signature header; ``status`` is its
+    answer."""
 
     def __init__(self, port: int = 0) -> None:
         self.events: list[dict[str, Any]] = []
         self.signatures: list[tuple[bytes, str]] = []
         self.status = 204
-        self.hang = threading.Event()
-        self.released = threading.Event()
         self.lock = threading.Lock()
-        super().__init__(("127.0.0.1", port), _Handler)
-        self.thread = threading.Thread(target=self.serve_forever, daemon=True)
-        self.thread.start()
+        super().__init__(_Handler, port)
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}/hook"
-
-    def stop(self) -> None:
-        self.released.set()
-        self.shutdown()
-        self.server_close()
+        return self.address("/hook")
 
     def wait_for(self, count: int, timeout: float = 15.0) -> list[dict[str, Any]]:
         deadline = time.monotonic() + timeout
@@ -334,8 +324,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:
         body = self.rfile.read(int(self.headers["Content-Length"]))
-        if self.server.hang.is_set():
-            self.server.released.wait(30)
+        self.server.hold()
         with self.server.lock:
             if self.server.status < 300:
                 self.server.events.append(json.loads(body))

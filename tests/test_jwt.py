@@ -4,10 +4,9 @@ fetched from a fake and, in the process tests, from a local HTTP server."""
 from __future__ import annotations
 
 import json
-import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +19,7 @@ from twisted.internet.defer import Deferred
 from peersig.jwtauth import JWKS, JWKS_MIN_INTERVAL, JWTAuthorizer, KeyFile, UnusableKey, parse_jwks
 
 from .fakes import World
+from .localhttp import LocalServer
 
 SECRET = b"an-hs256-secret-of-32-bytes-long!!"
 RSA = rsa.generate_private_key(public_exponent=65537, key_size=2048)
@@ -204,6 +204,17 @@ def test_with_the_provider_down_cached_keys_work_and_unknown_kids_are_refused() 
     assert world.hub.waiting == {}
 
 
+def test_a_join_waits_on_one_fetch_at_most() -> None:
+    world, _jwks, provider = jwks_world()
+    provider.serve(jwk(RSA, "k1", "RS256"))
+    world.clock.advance(JWKS_MIN_INTERVAL)
+    waiting = world.connect("bob", token="room1~" + mint(EC2, "ES256", kid="k9", sub="bob"))
+    world.clock.advance(JWKS_MIN_INTERVAL * 2)  # a slow provider
+    provider.serve(jwk(RSA, "k1", "RS256"))  # without k9
+    assert waiting.closed == (1008, "Invalid token provided")
+    assert len(provider.requests) == 2
+
+
 def test_a_waiting_join_that_closes_is_forgotten() -> None:
     world, _jwks, provider = jwks_world()
     waiting = world.connect("alice", token="room1~" + mint(RSA, "RS256", kid="k1"))
@@ -261,27 +272,17 @@ def test_without_room_events_nothing_new_is_sent() -> None:
 
 # -- a real twistd with a JWKS served over HTTP ---------------------------------------------
 
-class Provider(ThreadingHTTPServer):
-    """An identity provider's JWKS on 127.0.0.1; ``hang`` holds every request."""
-
-    daemon_threads = True
+class Provider(LocalServer):
+    """An identity provider's JWKS."""
 
     def __init__(self) -> None:
         self.keys: list[dict[str, Any]] = []
-        self.hang = threading.Event()
-        self.released = threading.Event()
         self.fetches = 0
-        super().__init__(("127.0.0.1", 0), _JWKSHandler)
-        threading.Thread(target=self.serve_forever, daemon=True).start()
+        super().__init__(_JWKSHandler)
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}/.well-known/jwks.json"
-
-    def stop(self) -> None:
-        self.released.set()
-        self.shutdown()
-        self.server_close()
+        return self.address("/.well-known/jwks.json")
 
 
 class _JWKSHandler(BaseHTTPRequestHandler):
@@ -289,8 +290,7 @@ class _JWKSHandler(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:
         self.server.fetches += 1
-        if self.server.hang.is_set():
-            self.server.released.wait(30)
+        self.server.hold()
         body = json.dumps({"keys": self.server.keys}).encode()
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
@@ -359,6 +359,9 @@ def test_a_real_server_verifies_jwts_from_a_jwks_through_rotation_and_outage(
                     assert recv_json(a) == {"type": "JOIN", "src": "dave"}
                     with pytest.raises(TimeoutError):
                         c.recv(timeout=0.5)  # still waiting on the hung fetch
+                    # the fetch gives up after 10 s: carol is refused, not made to wait again
+                    assert recv_json(c, timeout=15) == {
+                        "type": "ERROR", "payload": {"msg": "Invalid token provided"}}
             assert provider.fetches == 3
     finally:
         server.stop()
