@@ -114,8 +114,8 @@ class JWKS:
 
     Fetched at startup and every ``JWKS_MAX_AGE`` (in the background, the cached keys
     serving meanwhile). A token whose ``kid`` is unknown starts a fetch, if none started or
-    ended within ``JWKS_MIN_INTERVAL``, and its join waits for it (``Verdict.later``); one that comes
-    while a fetch is under way waits for that one. A key that has left the set is dropped
+    ended within ``JWKS_MIN_INTERVAL``, and its join waits for it (``Verdict.later``); one
+    that comes while a fetch is under way waits for that one. A key that has left the set is dropped
     with the next fetch. While the provider is unreachable the cached keys keep working and
     unknown kids are refused.
     """

@@ -17,7 +17,7 @@ from twisted.python import usage
 
 from .auth import authorizers
 from .config import Config
-from .tls import CertificateError, load_options, split_description
+from .tls import CertificateError, load_context, split_description
 from .tokens import read_secret
 from .turn import valid_ice_url
 
@@ -340,7 +340,7 @@ def _check_certificate(description: str) -> None:
     private_key = kw.get("privateKey", args[2] if len(args) > 2 else "server.pem")
     cert_key = kw.get("certKey", args[3] if len(args) > 3 else private_key)
     try:
-        load_options(private_key, cert_key, kw.get("extraCertChain"))
+        load_context(private_key, cert_key, kw.get("extraCertChain"))
     except CertificateError as e:
         raise usage.UsageError(f"--port {description.split(':')[0]}:...: {e}") from None
 

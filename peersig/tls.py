@@ -1,4 +1,14 @@
-"""wss on Twisted's TLS transport, with certificate files re-read on SIGHUP.
+"""wss: TLS records handled in C on each socket, and certificate files re-read on SIGHUP.
+
+Twisted's own TLS (``TLSMemoryBIOProtocol`` on pyOpenSSL) moves every record through
+Python: from the socket into a memory BIO, through pyOpenSSL, and out through a second
+transport write that waits for the next epoll round. Here an ``ssl:`` port keeps Twisted's
+TCP port and connection, and each accepted socket gets an OpenSSL ``SSL`` object of the
+stdlib ``ssl`` module on the socket itself (a socket BIO): reading records is one
+``SSL_read`` a record and writing them one ``SSL_write``, in C (docs/benchmarks.md). When
+the kernel offers TLS offload (``tls`` in ``/proc/sys/net/ipv4/tcp_available_ulp``),
+``SSL_OP_ENABLE_KTLS`` asks OpenSSL to hand the records to it after the handshake; OpenSSL
+goes on by itself where it cannot (a cipher the kernel lacks, a build without kTLS).
 
 ``ssl:`` port descriptions are parsed here (same syntax and defaults as Twisted's own
 ``ssl:`` endpoint) so that the listening port holds a ``ReloadingTLS``: new connections use
@@ -7,13 +17,14 @@ the certificate loaded last, connections already up keep theirs.
 
 from __future__ import annotations
 
+import contextlib
 import re
+import ssl
+import tempfile
 from typing import Any
 
-from OpenSSL import SSL
-from twisted.internet import ssl
-from twisted.internet.endpoints import SSL4ServerEndpoint
-from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
+from twisted.internet import defer, main, tcp
+from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -27,10 +38,21 @@ BACKLOG = 4096
 
 _PEM_CERT = re.compile(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.DOTALL)
 
+# The one protocol peersig speaks after TLS (WebSocket upgrades are HTTP/1.1), in ALPN.
+ALPN = ["http/1.1"]
 
-# The one protocol peersig speaks after TLS (WebSocket upgrades are HTTP/1.1), offered in
-# ALPN from the context itself: the site offers none of its own (web.QuietSite).
-ALPN = [b"http/1.1"]
+# OpenSSL 3's SSL_OP_ENABLE_KTLS (ssl.OP_ENABLE_KTLS from Python 3.12 on).
+OP_ENABLE_KTLS = getattr(ssl, "OP_ENABLE_KTLS", 1 << 3)
+_ULP = "/proc/sys/net/ipv4/tcp_available_ulp"
+
+
+def kernel_tls(ulp_path: str = _ULP) -> bool:
+    """Whether this kernel offers TLS offload (its ``tls`` upper-layer protocol is loaded)."""
+    try:
+        with open(ulp_path) as f:
+            return "tls" in f.read().split()
+    except OSError:
+        return False
 
 
 class CertificateError(Exception):
@@ -45,52 +67,191 @@ def _read(path: str, what: str) -> bytes:
         raise CertificateError(f"cannot read {what} {path}: {e.strerror}") from None
 
 
-def load_options(private_key: str, cert_key: str, chain: str | None) -> ssl.CertificateOptions:
-    """CertificateOptions from PEM files; the certificate file may hold the whole chain
-    (Let's Encrypt's fullchain.pem), the leaf first."""
-    key_pem = _read(private_key, "private key")
+def load_context(private_key: str, cert_key: str, chain: str | None,
+                 ktls: bool = False) -> ssl.SSLContext:
+    """A server SSLContext from PEM files; the certificate file may hold the whole chain
+    (Let's Encrypt's fullchain.pem), the leaf first, and ``chain`` more of it. TLS 1.2 and
+    1.3, no renegotiation, ALPN ``http/1.1``, and kernel TLS when ``ktls``."""
+    _read(private_key, "private key")
     certs = _PEM_CERT.findall(_read(cert_key, "certificate"))
     if chain is not None:
         certs += _PEM_CERT.findall(_read(chain, "certificate chain"))
     if not certs:
         raise CertificateError(f"no PEM certificate in {cert_key}")
-    try:
-        pair = ssl.PrivateCertificate.loadPEM(certs[0] + b"\n" + key_pem)
-        extra = [ssl.Certificate.loadPEM(c).original for c in certs[1:]]
-        return ssl.CertificateOptions(
-            privateKey=pair.privateKey.original,
-            certificate=pair.original,
-            extraCertChain=extra or None,
-            acceptableProtocols=ALPN,
-        )
-    except (SSL.Error, ValueError) as e:
-        raise CertificateError(f"bad certificate or key ({cert_key}, {private_key}): {e}") from None
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.options |= ssl.OP_NO_RENEGOTIATION | (OP_ENABLE_KTLS if ktls else 0)
+    context.set_alpn_protocols(ALPN)
+    # load_cert_chain reads files only: the certificates, in order, from a private one.
+    with tempfile.NamedTemporaryFile(prefix="peersig-chain-", suffix=".pem") as pem:
+        pem.write(b"\n".join(certs) + b"\n")
+        pem.flush()
+        try:
+            context.load_cert_chain(pem.name, private_key)
+        except (ssl.SSLError, ValueError) as e:
+            raise CertificateError(
+                f"bad certificate or key ({cert_key}, {private_key}): {e}") from None
+    return context
 
 
-@implementer(IOpenSSLServerConnectionCreator)
 class ReloadingTLS:
+    """The certificate of one ``ssl:`` port, re-read by ``reload`` (SIGHUP)."""
+
     def __init__(self, private_key: str, cert_key: str, chain: str | None = None) -> None:
         self.files = (private_key, cert_key, chain)
-        self.options = load_options(*self.files)
-        self.options.getContext()  # fail now, not at the first handshake
+        self.ktls = kernel_tls()
+        self.context = load_context(*self.files, ktls=self.ktls)
 
     def reload(self) -> bool:
         """Re-read the files; on any error keep serving the certificate loaded before."""
         try:
-            options = load_options(*self.files)
-            options.getContext()
+            context = load_context(*self.files, ktls=self.ktls)
         except CertificateError as e:
             log.error("certificate not reloaded, keeping the old one: {error}", error=str(e))
             return False
-        self.options = options
+        self.context = context
         log.info("certificate reloaded from {cert}", cert=self.files[1])
         return True
 
-    def serverConnectionForTLS(self, tlsProtocol: Any) -> SSL.Connection:
-        # A connection on the options' cached context, as Twisted makes one from any
-        # context factory: CertificateOptions has its own serverConnectionForTLS only since
-        # Twisted 26.4, and calling it on 24.7 reset every TLS connection.
-        return SSL.Connection(self.options.getContext(), None)
+
+# Records read in one go before other connections get their turn.
+MAX_RECORDS_PER_READ = 16
+
+
+class TLSServer(tcp.Server):
+    """An accepted TCP connection carrying TLS in its socket's own ``SSL`` object.
+
+    Twisted's ``tcp.Server`` with its reads, writes and close done through ``SSL_read``,
+    ``SSL_write`` and ``SSL_shutdown``. The handshake runs on the reactor's read and write
+    events; until it is over nothing is read or written for the protocol. OpenSSL may need
+    to write to go on reading, or to read to go on writing (``SSLWantWriteError`` on a
+    read, ``SSLWantReadError`` on a write): the transport then waits for that. A write
+    OpenSSL could not finish is retried with the same bytes first (Twisted's write buffer
+    only grows at its end), as OpenSSL requires.
+    """
+
+    _handshaking = True
+    # A read is waiting for the socket to take OpenSSL's pending output.
+    _read_wants_write = False
+
+    def __init__(self, sock: Any, protocol: Any, client: Any, server: TLSPort, sessionno: int,
+                 reactor: Any) -> None:
+        # The C object under ssl.SSLSocket: its read() and write() are the C calls
+        # themselves, without SSLSocket's Python wrappers around each.
+        self._tls = server.tls.context._wrap_socket(  # type: ignore[attr-defined]
+            sock, server_side=True)
+        super().__init__(sock, protocol, client, server, sessionno, reactor)
+
+    def _handshake(self) -> Any:
+        """One step of the handshake: None while it goes on (or once it is over),
+        CONNECTION_LOST when it failed (a bad hello, a client's alert, an early EOF)."""
+        try:
+            self._tls.do_handshake()
+        except ssl.SSLWantReadError:
+            if not (self.dataBuffer or self._tempDataBuffer):
+                self.stopWriting()
+            return None
+        except ssl.SSLWantWriteError:
+            self.startWriting()
+            return None
+        except (ssl.SSLError, OSError, ValueError):
+            return main.CONNECTION_LOST
+        self._handshaking = False
+        if self.dataBuffer or self._tempDataBuffer:
+            self.startWriting()
+        elif not self._read_wants_write:
+            self.stopWriting()
+        return None
+
+    def doRead(self) -> Any:
+        if self._handshaking:
+            lost = self._handshake()
+            if lost is not None or self._handshaking:
+                return lost
+        tls = self._tls
+        protocol = self.protocol
+        size = self.bufferSize
+        for _ in range(MAX_RECORDS_PER_READ):
+            try:
+                data = tls.read(size)
+            except ssl.SSLWantReadError:
+                return None
+            except ssl.SSLWantWriteError:
+                self._read_wants_write = True
+                self.startWriting()
+                return None
+            except ssl.SSLZeroReturnError:  # the client's close_notify
+                return main.CONNECTION_DONE
+            except (ssl.SSLError, OSError):  # an alert, a bad record, EOF mid-record
+                return main.CONNECTION_LOST
+            if not data:
+                return main.CONNECTION_DONE
+            protocol.dataReceived(data)
+            if self.disconnected or not tls.pending():
+                # Records still in the kernel wake the reactor again (epoll is level
+                # triggered); OpenSSL reads no further than the record it returns.
+                return None
+        return None
+
+    def doWrite(self) -> Any:
+        if self._handshaking:
+            lost = self._handshake()
+            if lost is not None or self._handshaking:
+                return lost
+        if self._read_wants_write:
+            self._read_wants_write = False
+            lost = self.doRead()
+            if lost is not None:
+                return lost
+        return super().doWrite()
+
+    def writeSomeData(self, data: Any) -> Any:
+        if self._handshaking:
+            return 0
+        try:
+            return self._tls.write(memoryview(data)[:self.SEND_LIMIT])
+        except (ssl.SSLWantWriteError, ssl.SSLWantReadError):
+            return 0
+        except (ssl.SSLError, OSError):
+            return main.CONNECTION_LOST
+
+    def _closeSocket(self, orderly: bool) -> None:
+        if orderly and not self._handshaking:
+            # close_notify; the client's own is not waited for
+            with contextlib.suppress(ssl.SSLError, OSError, ValueError):
+                self._tls.shutdown()
+        super()._closeSocket(orderly)
+
+
+class TLSPort(tcp.Port):
+    """A TCP port whose connections are ``TLSServer``s on ``tls``'s current context."""
+
+    transport = TLSServer  # type: ignore[assignment]
+
+    def __init__(self, port: int, factory: Any, tls: ReloadingTLS, backlog: int,
+                 interface: str, reactor: Any) -> None:
+        super().__init__(port, factory, backlog, interface, reactor)
+        self.tls = tls
+
+
+@implementer(IStreamServerEndpoint)
+class TLSServerEndpoint:
+    def __init__(self, reactor: Any, port: int, tls: ReloadingTLS, backlog: int,
+                 interface: str) -> None:
+        self.reactor = reactor
+        self.port = port
+        self.tls = tls
+        self.backlog = backlog
+        self.interface = interface
+
+    def listen(self, factory: Any) -> defer.Deferred[Any]:
+        def start() -> TLSPort:
+            port = TLSPort(self.port, factory, self.tls, self.backlog, self.interface,
+                           self.reactor)
+            port.startListening()
+            return port
+
+        return defer.execute(start)
 
 
 def split_description(description: str) -> tuple[list[str], dict[str, str]]:
@@ -120,7 +281,7 @@ def with_backlog(description: str) -> str:
     return description
 
 
-def tls_endpoint(reactor: Any, description: str) -> tuple[SSL4ServerEndpoint, ReloadingTLS]:
+def tls_endpoint(reactor: Any, description: str) -> tuple[TLSServerEndpoint, ReloadingTLS]:
     """An endpoint for an ``ssl:`` description, and its reloadable certificate."""
     args, kw = split_description(description)
     names = ["port", "privateKey", "certKey"]
@@ -130,7 +291,6 @@ def tls_endpoint(reactor: Any, description: str) -> tuple[SSL4ServerEndpoint, Re
         raise CertificateError(f"no port in {description!r}")
     private_key = kw.get("privateKey", "server.pem")
     tls = ReloadingTLS(private_key, kw.get("certKey", private_key), kw.get("extraCertChain"))
-    endpoint = SSL4ServerEndpoint(reactor, int(kw["port"]), tls,
-                                  backlog=int(kw.get("backlog", BACKLOG)),
-                                  interface=kw.get("interface", ""))
+    endpoint = TLSServerEndpoint(reactor, int(kw["port"]), tls,
+                                 int(kw.get("backlog", BACKLOG)), kw.get("interface", ""))
     return endpoint, tls

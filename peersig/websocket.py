@@ -5,8 +5,6 @@ Each ``PeerProtocol`` is also the ``PeerTransport`` of its session.
 
 from __future__ import annotations
 
-import base64
-import hashlib
 import ipaddress
 import re
 from collections.abc import Mapping
@@ -23,10 +21,12 @@ from twisted.internet.tcp import Server
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from .framing import PING_FRAME, PONG, accept_key, split_frames, text_frame
 from .messages import CLOSE_INTERNAL, CLOSE_UNSUPPORTED, E_INTERNAL
 from .rooms import Hub, JoinRequest
 from .session import Session
 from .stats import TIMING_SAMPLE
+from .tls import TLSServer
 
 log = Logger()
 
@@ -88,17 +88,14 @@ def _unreadable_hop(hop: str) -> None:
                  "the client instead (logged once; check --trusted-proxies)", hop=hop[:80])
 
 
-def unmask(mask: bytes, payload: bytes) -> bytes:
-    """XOR a client frame's payload with its 4-byte mask, as one big-integer operation
-    (faster here than Autobahn's CFFI masker for signaling-sized frames)."""
-    size = len(payload)
-    key = int.from_bytes((mask * ((size >> 2) + 1))[:size], "little")
-    return (int.from_bytes(payload, "little") ^ key).to_bytes(size, "little")
+# Connections whose writeSomeData may be called directly: TCP, and TCP carrying TLS in
+# the socket's own SSL object (tls.TLSServer).
+_DIRECT_WRITE = (Server, TLSServer)
 
 
 def write_now(transport: Any, data: bytes) -> None:
-    """``transport.write(data)``, but on a plain TCP connection with nothing buffered the
-    data goes to the socket at once.
+    """``transport.write(data)``, but on a TCP connection (with or without TLS, see
+    ``tls.py``) with nothing buffered the data goes to the socket at once.
 
     Twisted's write() registers the socket with epoll, waits for the next poll, sends,
     and unregisters it: two epoll_ctl calls and a dispatch per relayed message, a quarter
@@ -106,9 +103,9 @@ def write_now(transport: Any, data: bytes) -> None:
     does not take at once is handed to write(), behind which everything else then queues.
     Should Twisted's private buffer attribute ever change, this falls back to write().
     """
-    if (transport.__class__ is Server and transport.connected and not transport.disconnecting
-            and not transport.dataBuffer and not getattr(transport, "_tempDataBuffer", True)
-            and not transport.TLS):
+    if (transport.__class__ in _DIRECT_WRITE and transport.connected
+            and not transport.disconnecting and not transport.dataBuffer
+            and not getattr(transport, "_tempDataBuffer", True) and not transport.TLS):
         sent = transport.writeSomeData(data)
         if sent == len(data):
             return
@@ -193,7 +190,6 @@ _NONE_WHILE_OPEN = (
 # other value goes to Autobahn, which judges it.
 _PLAIN_KEY = re.compile(r"[A-Za-z0-9+/]{22}==")
 _PLAIN_EXTENSIONS = ("permessage-deflate; client_max_window_bits", "permessage-deflate")
-_WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 
 
 class _SendQueue(list[tuple[bytes, bool]]):
@@ -348,35 +344,16 @@ class PeerProtocol(WebSocketServerProtocol):
                     return
             super().dataReceived(data)
             return
-        end = len(data)
-        limit = self.maxMessagePayloadSize
         pos = 0
-        while pos + 6 <= end:
-            opcode = data[pos]
-            if opcode == 0x8A and data[pos + 1] == 0x80:  # FIN, pong, masked, empty
-                pos += 6
+        for payload, end in split_frames(data, self.maxMessagePayloadSize):
+            pos = end
+            if payload is PONG:
                 self.onPong(b"")
                 continue
-            if opcode != 0x81:  # FIN, text
-                break
-            size = data[pos + 1] ^ 0x80  # must be masked: the mask bit flips off
-            if size < 126:
-                start = pos + 6
-            elif size == 126 and pos + 8 <= end:
-                size = (data[pos + 2] << 8) | data[pos + 3]
-                if size < 126:
-                    break  # not minimally encoded: Autobahn fails the connection
-                start = pos + 8
-            else:
-                break  # unmasked, 64-bit length, or header not all here
-            stop = start + size
-            if stop > end or (limit and size > limit):
-                break
-            self.onMessage(unmask(data[start - 4:start], data[start:stop]), False)
-            pos = stop
+            self.onMessage(payload, False)
             if self.state != self.STATE_OPEN:
                 break  # closing: Autobahn reads the rest (the client's close reply)
-        if pos < end:
+        if pos < len(data):
             super().dataReceived(data[pos:] if pos else data)
 
     def _open(self, data: bytes) -> bool:
@@ -435,7 +412,7 @@ class PeerProtocol(WebSocketServerProtocol):
             self.onConnect(request)
         except Exception:  # refused (or worse): Autobahn answers it
             return False
-        accept = base64.b64encode(hashlib.sha1(key.encode() + _WS_GUID).digest()).decode()
+        accept = accept_key(key)
         server = self.factory.server
         response = "".join((
             "HTTP/1.1 101 Switching Protocols\r\n",
@@ -534,14 +511,7 @@ class PeerProtocol(WebSocketServerProtocol):
         if self.state == self.STATE_OPEN:
             # One unmasked, unfragmented text frame: the header is all Autobahn's
             # sendMessage would add, at a fraction of its cost.
-            size = len(frame)
-            if size < 126:
-                head = bytes((0x81, size))
-            elif size < 65536:
-                head = bytes((0x81, 126, size >> 8, size & 0xFF))
-            else:
-                head = b"\x81\x7f" + size.to_bytes(8, "big")
-            data = head + frame
+            data = text_frame(frame)
             if self._opening:
                 data = self._write_opening(data)
             write_now(self.transport, data)
@@ -550,7 +520,7 @@ class PeerProtocol(WebSocketServerProtocol):
         # An empty ping frame, written directly: Autobahn's sendPing formats debug log
         # lines (with terminal colours) whether or not anyone logs at debug level.
         if self.state == self.STATE_OPEN:
-            write_now(self.transport, b"\x89\x00")
+            write_now(self.transport, PING_FRAME)
 
     def close_with(self, code: int, reason: str) -> None:
         if self.state == self.STATE_CONNECTING:

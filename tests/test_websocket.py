@@ -237,13 +237,6 @@ def test_config_limits_reach_autobahn() -> None:
     assert proto.maxMessagePayloadSize == 1234 and proto.maxFramePayloadSize == 1234
 
 
-@pytest.mark.parametrize("size", [0, 1, 3, 4, 5, 125, 126, 1200, 65536])
-def test_unmask_matches_the_rfc(size: int) -> None:
-    from peersig.websocket import unmask
-
-    payload, mask = os.urandom(size), os.urandom(4)
-    assert unmask(mask, payload) == bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
-
 
 def test_server_ping_and_pongs_mixed_with_messages(world: World) -> None:
     a, b = Peer(world, "alice"), Peer(world, "bob")
