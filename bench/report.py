@@ -254,6 +254,8 @@ def render(res: dict, raw_path: Path | None = None) -> str:
                   pg == a["churn_peers"] and rg == a["churn_peers"] // 4)
     out.extend(t.rows)
     w("")
+    if any(sc.startswith("wss-") for sc in runs):
+        out.extend(wss_section(res))
     loads = []
     for sc, per in runs.items():
         for kind in ("peersig", "reference"):
@@ -307,6 +309,63 @@ def render(res: dict, raw_path: Path | None = None) -> str:
           f"`bench/results/logs/{rel.stem.removeprefix('run-')}/`.")
         w("")
     return "\n".join(out)
+
+
+def wss_section(res: dict) -> list[str]:
+    """wss against the reference's own TLS, with issue 12's targets."""
+    runs, a = res["runs"], res["args"]
+    out = ["## wss: the production path, against the reference's own TLS", "",
+           "The same scenarios over TLS: peersig with `--port ssl:PORT:privateKey=key.pem:"
+           "certKey=cert.pem`, the reference with `--sslkey key.pem --sslcert cert.pem`, one "
+           "self-signed ECDSA P-256 certificate for both (`bench/results/tls/`), TLS 1.3 "
+           "negotiated by the generator's OpenSSL with each server's defaults. Targets are "
+           "issue 12's.", "",
+           "| Metric | peersig | reference | ratio | target | met |",
+           "|---|---:|---:|---:|---|---|"]
+    t = Table(runs)
+    for n in a.get("wss_sizes", []):
+        sc = f"wss-connect{n}"
+        if sc not in runs:
+            continue
+        t.section(f"wss connect {n:,} peers (rooms of 4, full TLS handshake each)")
+        t.row("server CPU per connect, ms", sc, "cpu_ms_per_connect", 3, "≤ 0.8×", "lower", 0.8)
+        t.rounds_row("server CPU per connect of each round, ms", sc, "cpu_ms_per_connect", 3)
+        t.row("RSS per connected peer, KiB", sc, "rss_kib_per_peer", 1, "≤ 0.5×", "lower", 0.5)
+        p, r = t.get(sc, "peersig", "failed"), t.get(sc, "reference", "failed")
+        t.raw("failed joins", _num(p), _num(r))
+        t.row("join time p99, ms", sc, "join_ms_p99", 1)
+    if "wss-relay" in runs:
+        t.section(f"wss relay: {a['relay_peers'] // 4} rooms × 4, OFFER/ANSWER (1000-byte SDP), "
+                  f"closed loop, {a['relay_seconds']:g} s")
+        t.row("relayed messages/s", "wss-relay", "msgs_per_s", 0)
+        t.row("server CPU per relayed message, µs", "wss-relay", "server_us_per_msg", 1,
+              "≤ 0.6×", "lower", 0.6)
+        t.row("… of which user, µs", "wss-relay", "server_user_us_per_msg", 1)
+        t.row("… of which system, µs", "wss-relay", "server_sys_us_per_msg", 1)
+        t.row("relayed messages/s per core", "wss-relay", "msgs_per_s_at_100pct", 0)
+        t.row("generator CPU per relayed message, µs", "wss-relay", "gen_us_per_msg", 1)
+        ws = t.get("relay", "peersig", "server_us_per_msg")
+        wss = t.get("wss-relay", "peersig", "server_us_per_msg")
+        if ws and wss:
+            t.raw("peersig: CPU per relayed message, wss / ws (µs)", f"{wss:.1f} / {ws:.1f}",
+                  "", f"{wss / ws:.2f}×", "≤ 1.3×", wss / ws <= 1.3)
+    if "wss-latency" in runs:
+        t.section(f"wss latency: {a['latency_rate']:,.0f} relayed messages/s offered, "
+                  f"{a.get('latency_rounds', 1)} × {a['latency_seconds']:g} s, pooled")
+        t.row("round trip p50, ms", "wss-latency", "rtt_ms_p50", 2)
+        t.row("round trip p99, ms", "wss-latency", "rtt_ms_p99", 2, "≤ 1.0×", "lower", 1.0)
+        t.row("round trip max, ms", "wss-latency", "rtt_ms_max", 1)
+        t.rounds_row("round trip p99 of each round, ms", "wss-latency", "rtt_ms_p99", 2)
+        t.row("server CPU, % of one core", "wss-latency", "server_cpu_pct", 0)
+    if "wss-idle" in runs:
+        t.section(f"wss idle: {a['idle_peers']:,} peers heartbeating every 5 s, "
+                  f"{a['idle_seconds']:g} s")
+        t.row("server CPU, % of one core", "wss-idle", "server_cpu_pct", 2, "≤ 0.6×", "lower",
+              0.6)
+        t.row("server RSS, MiB", "wss-idle", "rss_kib", 1,
+              fmt=lambda v: _num(v / 1024 if v else None, 1))
+        t.row("peers dropped that were heartbeating", "wss-idle", "drops", 0)
+    return [*out, *t.rows, ""]
 
 
 def problems_section(res: dict) -> str:
@@ -474,14 +533,17 @@ def profile_section(res: dict) -> str:
     p = res["profile"]
     lines = ["## Where peersig spends its time under the relay load", "",
              f"py-spy ({p.get('samples', 0):,.0f} samples at 250 Hz, `--nonblocking`) on "
-             f"peersig {p.get('peersig_git', '')} during a separate relay run "
+             f"peersig {p.get('peersig_git', '')} during a separate relay run over "
+             f"{p.get('transport', 'ws')} "
              f"({p.get('msgs_per_s', 0):,.0f} msg/s, {p.get('server_us_per_msg', 0):.1f} µs "
              f"per message under the profiler, server at {p.get('server_cpu_pct', 0):.0f}% "
              f"of its CPU, other processes {p.get('other_load_pct', 0):.0f}%). "
              "Own time = samples where the function itself "
              "was running (lines of a function merged); total = samples with the function "
              "anywhere on the stack. Full profile: `" + p.get("speedscope", "") +
-             "` (git-ignored; open it at speedscope.app).", "",
+             "` (git-ignored; open it at speedscope.app). Time in C (OpenSSL's "
+             "SSL_read and SSL_write, the system calls under them) counts as the own time "
+             "of the Python function that called it.", "",
              "| # | function | file | own % | total % |", "|---:|---|---|---:|---:|"]
     for i, r in enumerate(p["top"][:15], 1):
         lines.append(f"| {i} | `{r['function']}` | {r['file']}:{r['line']} "

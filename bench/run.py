@@ -32,6 +32,7 @@ import shlex
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -47,6 +48,9 @@ RESULTS = BENCH / "results"
 # One folder of server logs per run: several runs (several people) may share bench/results.
 RUN_ID = time.strftime("%Y%m%d-%H%M%S") + f"-{os.getpid()}"
 LOGS = RESULTS / "logs" / RUN_ID
+TLS_DIR = RESULTS / "tls"
+# What runs again over wss (issue 12): the production path, against the reference's TLS.
+WSS_SCENARIOS = ("connect", "relay", "latency", "idle")
 DOC = ROOT / "docs" / "benchmarks.md"
 PEER_VERSION = "1.0.2"
 WS_VERSION = "8"
@@ -267,6 +271,7 @@ def cpu_affinity_ok() -> bool:
 class Server:
     def __init__(self, kind: str, scenario: str, args: argparse.Namespace,
                  extra: list[str] | None = None) -> None:
+        self.tls = getattr(args, "tls", False)
         self.kind = kind
         self.scenario = scenario
         self.port = free_port()
@@ -277,19 +282,23 @@ class Server:
         self.log_path = LOGS / f"{kind}-{scenario}.log"
 
     def command(self) -> list[str]:
+        key, cert = bench_certificate() if self.tls else (None, None)
         if self.kind == "peersig":
-            return ["twistd", "-n", "--pidfile=", "peersig",
-                    "--port", f"tcp:{self.port}:interface=127.0.0.1",
+            port = (f"ssl:{self.port}:interface=127.0.0.1:privateKey={key}:certKey={cert}"
+                    if self.tls else f"tcp:{self.port}:interface=127.0.0.1")
+            return ["twistd", "-n", "--pidfile=", "peersig", "--port", port,
                     "--max-peers", "30000", "--max-peers-per-ip", "0", *self.extra]
+        tls = ["--sslkey", str(key), "--sslcert", str(cert)] if self.tls else []
         return ["node", str(NODE_DIR / "node_modules" / "peer" / "dist" / "bin" / "peerjs.js"),
                 "--port", str(self.port), "--host", "127.0.0.1",
-                "--concurrent_limit", "30000", *self.extra]
+                "--concurrent_limit", "30000", *tls, *self.extra]
 
     def display_command(self) -> str:
         cmd = self.command()
         if self.kind == "reference":
             cmd = ["peerjs", *cmd[2:]]
-        return shlex.join(cmd).replace(str(self.port), "PORT")
+        text = shlex.join(cmd).replace(str(self.port), "PORT")
+        return text.replace(str(TLS_DIR) + "/", "") if self.tls else text
 
     async def start(self) -> None:
         core = self.args.server_cpu
@@ -306,7 +315,7 @@ class Server:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"{self.kind} exited at start: see {self.log_path}")
-            if await http_get_ok(self.port, "/"):
+            if await http_get_ok(self.port, "/", self.tls):
                 await asyncio.sleep(0.5)
                 return
             await asyncio.sleep(0.1)
@@ -339,7 +348,7 @@ class Server:
     async def metrics(self) -> dict[str, float]:
         if self.kind != "peersig":
             return {}
-        text = await http_get(self.port, "/metrics")
+        text = await http_get(self.port, "/metrics", tls=self.tls)
         out = {}
         for line in (text or "").splitlines():
             if line.startswith("peersig_") and " " in line:
@@ -389,9 +398,33 @@ def scan_log(kind: str, path: Path) -> dict:
     return {"log_lines": lines, "log_problems": len(problems), "log_examples": problems[:5]}
 
 
-async def http_get(port: int, path: str, timeout: float = 5.0) -> str | None:
+def client_tls() -> ssl.SSLContext:
+    """A client context for the bench's own self-signed certificate."""
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+def bench_certificate() -> tuple[Path, Path]:
+    """The wss servers' key and certificate: ECDSA P-256, the usual choice of today's
+    certificate authorities (Let's Encrypt issues them), made once per checkout."""
+    key, cert = TLS_DIR / "key.pem", TLS_DIR / "cert.pem"
+    if not cert.exists():
+        TLS_DIR.mkdir(parents=True, exist_ok=True)
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
+                        "ec_paramgen_curve:P-256", "-nodes", "-days", "3650", "-subj",
+                        "/CN=localhost", "-addext", "subjectAltName=DNS:localhost",
+                        "-keyout", str(key), "-out", str(cert)],
+                       check=True, capture_output=True)
+    return key, cert
+
+
+async def http_get(port: int, path: str, timeout: float = 5.0,
+                   tls: bool = False) -> str | None:
     try:
-        r, w = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), timeout)
+        r, w = await asyncio.wait_for(asyncio.open_connection(
+            "127.0.0.1", port, ssl=client_tls() if tls else None), timeout)
     except (TimeoutError, OSError):
         return None
     try:
@@ -407,8 +440,8 @@ async def http_get(port: int, path: str, timeout: float = 5.0) -> str | None:
     return body.decode("utf-8", "replace")
 
 
-async def http_get_ok(port: int, path: str) -> bool:
-    return await http_get(port, path, timeout=1.0) is not None
+async def http_get_ok(port: int, path: str, tls: bool = False) -> bool:
+    return await http_get(port, path, timeout=1.0, tls=tls) is not None
 
 
 # -- generator workers -------------------------------------------------------------------
@@ -474,6 +507,7 @@ class Fleet:
             proc = await asyncio.create_subprocess_exec(
                 sys.executable, str(BENCH / "loadgen.py"), "--port", str(self.port),
                 "--sources", mine, "--loop", self.args.loop,
+                *(["--tls"] if getattr(self.args, "tls", False) else []),
                 stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
                 limit=256 * 1024 * 1024)
             self.workers.append(Worker(proc, i))
@@ -566,6 +600,8 @@ def pct(values: list[float], p: float) -> float:
 
 
 async def with_server(kind: str, scenario: str, args, extra, body, peers: int = 0):
+    if getattr(args, "tls", False):
+        scenario = "wss-" + scenario
     srv = Server(kind, scenario, args, extra if kind == "peersig" else [])
     await srv.start()
     fleet = Fleet(args, srv.port, peers)
@@ -874,6 +910,7 @@ async def scenario_profile(args) -> dict:
 
     r = await scenario_relay("peersig", args, scenario="profile", on_window=window)
     r["speedscope"] = str(out.relative_to(ROOT))
+    r["transport"] = "wss" if getattr(args, "tls", False) else "ws"
     if out.exists():
         r.update(summarize_speedscope(out))
     return r
@@ -1121,6 +1158,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--servers", default=",".join(SERVERS))
     ap.add_argument("--scenarios", default=",".join(SCENARIOS))
     ap.add_argument("--connect-sizes", default=None, help="default 1000,4000,20000")
+    ap.add_argument("--transports", default="ws,wss",
+                    help="ws, wss or both: wss runs connect, relay, latency and idle again "
+                         "over TLS, the reference with its own (--sslkey/--sslcert)")
+    ap.add_argument("--wss-connect-sizes", default=None, help="default 4000 (quick 1000)")
     ap.add_argument("--connect-concurrency", type=int, default=32,
                     help="WebSocket joins in flight at once (per worker)")
     ap.add_argument("--relay-peers", type=int, default=1000)
@@ -1181,6 +1222,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     q = a.quick
     defaults = {
         "connect_sizes": "1000" if q else "1000,4000,20000",
+        "wss_connect_sizes": "1000" if q else "4000",
         "relay_seconds": 4 if q else 20,
         "latency_seconds": 4 if q else 12,
         "latency_rounds": 1 if q else 5,
@@ -1205,7 +1247,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a.idle_settle = 1 if q else 6
     a.silent_wait = 5.5 if q else 65
     full = (not q and not a.profile_only and not a.compare_only
-            and a.servers == ",".join(SERVERS) and a.scenarios == ",".join(SCENARIOS))
+            and a.servers == ",".join(SERVERS) and a.scenarios == ",".join(SCENARIOS)
+            and a.transports == "ws,wss")
     if a.profile is None:
         a.profile = full
     if a.compare_generators is None:
@@ -1213,6 +1256,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a.servers = [s for s in a.servers.split(",") if s]
     a.scenarios = [s for s in a.scenarios.split(",") if s]
     a.sizes = [int(x) for x in a.connect_sizes.split(",") if x]
+    a.wss_sizes = [int(x) for x in a.wss_connect_sizes.split(",") if x]
+    a.transports = [t for t in a.transports.split(",") if t]
+    if not set(a.transports) <= {"ws", "wss"}:
+        ap.error("--transports takes ws, wss or both")
     for s in a.servers:
         if s not in SERVERS:
             ap.error(f"unknown server {s}")
@@ -1242,28 +1289,36 @@ async def amain(args: argparse.Namespace) -> dict:
                 f"{g['msgs_per_s']:.0f} msg/s, gen {g['gen_cpu_pct']:.0f}% CPU")
     if not (args.compare_only or args.profile_only):
         plan: list[tuple[str, str, object]] = []
-        for sc in args.scenarios:
-            if sc == "connect":
-                # Rounds, as for latency: one ramp per server swings by a quarter here.
-                for i in range(args.connect_rounds):
-                    kinds = args.servers if i % 2 == 0 else args.servers[::-1]
-                    for n in args.sizes:
+        for transport in args.transports:
+            wss = transport == "wss"
+            targs = argparse.Namespace(**{**vars(args), "tls": wss})
+            prefix = "wss-" if wss else ""
+            sizes = args.wss_sizes if wss else args.sizes
+            for sc in args.scenarios:
+                if wss and sc not in WSS_SCENARIOS:
+                    continue
+                if sc == "connect":
+                    # Rounds, as for latency: one ramp per server swings by a quarter here.
+                    for i in range(args.connect_rounds):
+                        kinds = args.servers if i % 2 == 0 else args.servers[::-1]
+                        for n in sizes:
+                            for kind in kinds:
+                                plan.append((f"{prefix}connect{n}#{i + 1}", kind,
+                                             (scenario_connect, kind, n, targs)))
+                elif sc == "latency":
+                    # This VM stalls now and then for tens of ms: one window per server is
+                    # a coin toss. Several short rounds, alternating which server goes
+                    # first, each on a fresh server, pooled by pool_rounds.
+                    for i in range(args.latency_rounds):
+                        kinds = args.servers if i % 2 == 0 else args.servers[::-1]
                         for kind in kinds:
-                            plan.append((f"connect{n}#{i + 1}", kind,
-                                         (scenario_connect, kind, n, args)))
-            elif sc == "latency":
-                # This VM stalls now and then for tens of ms: one window per server is a
-                # coin toss. Several short rounds, alternating which server goes first,
-                # each on a fresh server, pooled by pool_rounds.
-                for i in range(args.latency_rounds):
-                    kinds = args.servers if i % 2 == 0 else args.servers[::-1]
-                    for kind in kinds:
-                        plan.append((f"latency#{i + 1}", kind, (scenario_latency, kind, args)))
-            else:
-                fn = {"relay": scenario_relay, "idle": scenario_idle,
-                      "churn": scenario_churn}[sc]
-                for kind in args.servers:
-                    plan.append((sc, kind, (fn, kind, args)))
+                            plan.append((f"{prefix}latency#{i + 1}", kind,
+                                         (scenario_latency, kind, targs)))
+                else:
+                    fn = {"relay": scenario_relay, "idle": scenario_idle,
+                          "churn": scenario_churn}[sc]
+                    for kind in args.servers:
+                        plan.append((prefix + sc, kind, (fn, kind, targs)))
         for name, kind, (fn, *fargs) in plan:  # type: ignore[misc]
             best: dict | None = None
             attempts = 0
@@ -1300,7 +1355,9 @@ async def amain(args: argparse.Namespace) -> dict:
         for _attempt in range(args.retries + 1):
             await wait_quiet(args)
             log("profile: relay on peersig with py-spy ...")
-            p = await scenario_profile(args)
+            # Over wss when it is measured: the production path.
+            p = await scenario_profile(argparse.Namespace(
+                **{**vars(args), "tls": "wss" in args.transports}))
             if best is None or p.get("other_load_pct", 1e9) < best.get("other_load_pct", 1e9):
                 best = p
             if p.get("other_load_pct", 1e9) <= args.max_interference:
@@ -1338,8 +1395,9 @@ def pool_rounds(runs: dict) -> None:
             good = [r for r in rounds if "error" not in r]
             merged = dict(good[0] if good else rounds[0])
             if good:
-                merged.update(_pool_latency(good) if base == "latency" else _pool_connect(good))
-            keep = ("rtt_ms_p50", "rtt_ms_p99", "rtt_ms_max") if base == "latency" else (
+                merged.update(_pool_latency(good) if base.endswith("latency")
+                              else _pool_connect(good))
+            keep = ("rtt_ms_p50", "rtt_ms_p99", "rtt_ms_max") if base.endswith("latency") else (
                 "cpu_ms_per_connect", "rss_kib_per_peer", "ok", "failed")
             merged["rounds"] = [{k: r.get(k) for k in (*keep, "other_load_pct",
                                                        "steal_pct_server_cpu",
@@ -1392,6 +1450,7 @@ def summary_line(name: str, r: dict) -> str:
 
 
 def _summary(name: str, r: dict) -> str:
+    name = name.removeprefix("wss-")
     if name.startswith("connect"):
         return (f"ok {r['ok']} failed {r['failed']} dropped {r['dropped_after_open']}, "
                 f"{r['cpu_ms_per_connect']:.3f} ms CPU/connect, "
