@@ -121,6 +121,8 @@ class AdminRoot(Resource):
         session = room.peers.get(peer_id) if room is not None else None
         if session is None and ban is None:
             raise AdminError(404, "No such peer in that room")
+        if hub.config.room_by == "none" and name != hub.config.key:
+            raise AdminError(404, "No such room (in none mode the one room is named by the key)")
         answer: dict[str, Any] = {"removed": session is not None}
         if ban is not None:
             if len(hub.bans) >= MAX_BANS:

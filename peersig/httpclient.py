@@ -8,6 +8,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone
+from twisted.web.http import PotentialDataLoss
 
 
 class BodyTooLarge(Exception):
@@ -48,7 +49,10 @@ class _BoundedBody(Protocol):
             return
         if self.too_large and self.keep:
             self.finished.errback(BodyTooLarge(f"body over {self.limit} bytes"))
-        elif reason is not None and not reason.check(ResponseDone) and not self.too_large:
+        elif reason is not None and not self.too_large and not (
+                # A body without Content-Length or chunks ends with its connection
+                # (HTTP/1.0, Connection: close): complete, as far as anyone can tell.
+                reason.check(ResponseDone, PotentialDataLoss)):
             self.finished.errback(reason)
         else:
             self.finished.callback(b"".join(self.chunks))

@@ -234,9 +234,13 @@ def http_fetch(reactor: Any) -> Fetch:
 
     def fetch(url: bytes) -> Deferred[bytes]:
         def read(response: Any) -> Deferred[bytes]:
-            if response.code != 200:
-                raise UnusableKey(f"status {response.code}")
-            return read_body(response, MAX_JWKS)
+            body = read_body(response, MAX_JWKS, keep=response.code == 200)
+            if response.code != 200:  # read away, so the connection is let go of
+                def refuse(_: object) -> bytes:
+                    raise UnusableKey(f"status {response.code}")
+
+                return body.addBoth(refuse)
+            return body
 
         got = agent.request(b"GET", url).addCallback(read)
         got.addTimeout(JWKS_TIMEOUT, reactor)

@@ -131,8 +131,10 @@ class TLSServer(tcp.Server):
     """
 
     _handshaking = True
-    # A read is waiting for the socket to take OpenSSL's pending output.
+    # A read is waiting for the socket to take OpenSSL's pending output, or a write for
+    # OpenSSL to read something first.
     _read_wants_write = False
+    _write_wants_read = False
 
     def __init__(self, sock: Any, protocol: Any, client: Any, server: TLSPort, sessionno: int,
                  reactor: Any) -> None:
@@ -148,8 +150,9 @@ class TLSServer(tcp.Server):
         try:
             self._tls.do_handshake()
         except ssl.SSLWantReadError:
-            if not (self.dataBuffer or self._tempDataBuffer):
-                self.stopWriting()
+            # Until the client's next handshake message arrives nothing can be written,
+            # not even what the protocol buffered: writable events would only spin.
+            self.stopWriting()
             return None
         except ssl.SSLWantWriteError:
             self.startWriting()
@@ -168,6 +171,9 @@ class TLSServer(tcp.Server):
             lost = self._handshake()
             if lost is not None or self._handshaking:
                 return lost
+        if self._write_wants_read:  # what the write waited for may have come
+            self._write_wants_read = False
+            self.startWriting()
         tls = self._tls
         protocol = self.protocol
         size = self.bufferSize
@@ -195,6 +201,8 @@ class TLSServer(tcp.Server):
 
     def doWrite(self) -> Any:
         if self._handshaking:
+            if self.disconnecting:  # closed before the handshake was over: nothing to say
+                return main.CONNECTION_DONE
             lost = self._handshake()
             if lost is not None or self._handshaking:
                 return lost
@@ -210,7 +218,11 @@ class TLSServer(tcp.Server):
             return 0
         try:
             return self._tls.write(memoryview(data)[:self.SEND_LIMIT])
-        except (ssl.SSLWantWriteError, ssl.SSLWantReadError):
+        except ssl.SSLWantWriteError:
+            return 0
+        except ssl.SSLWantReadError:  # the next read lets the write go on
+            self._write_wants_read = True
+            self.stopWriting()
             return 0
         except (ssl.SSLError, OSError):
             return main.CONNECTION_LOST

@@ -14,6 +14,7 @@ from autobahn.twisted.resource import WebSocketResource
 from twisted.internet.base import DelayedCall
 from twisted.internet.interfaces import IConsumer, IDelayedCall, ILoggingContext, IProtocolFactory
 from twisted.internet.protocol import connectionDone
+from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper
 from twisted.python.failure import Failure
 from twisted.web.http import HTTPChannel
@@ -22,11 +23,13 @@ from twisted.web.server import NOT_DONE_YET, Request, Site
 from zope.interface import implementer_only
 
 from . import __version__
-from .messages import E_RATE_LIMIT
+from .messages import E_INTERNAL, E_RATE_LIMIT
 from .metrics import CONTENT_TYPE, make_registry, render, summary
 from .rooms import Hub, JoinRequest, Pending, Refusal
 from .turn import AddressRate, ice_configuration
 from .websocket import PeerFactory, PeerProtocol, client_address
+
+log = Logger()
 
 BANNER = {
     "name": "peersig",
@@ -165,11 +168,17 @@ class Root(Resource):
         admitted = hub.gate(req, now)
         if isinstance(admitted, Pending):  # the authorizer fetches keys: answer after
             def again(_: object) -> None:
-                if not request.finished and not request._disconnected:
+                if request.finished or request._disconnected:
+                    return
+                try:
                     answer = self._ice_answer(request, req, hub.clock.seconds())
-                    if answer is not NOT_DONE_YET:
-                        request.write(answer)
-                        request.finish()
+                except Exception:
+                    log.failure("answering /ice after a wait failed")
+                    request.setResponseCode(500)
+                    answer = _json(request, {"error": E_INTERNAL})
+                if answer is not NOT_DONE_YET:
+                    request.write(answer)
+                    request.finish()
 
             admitted.later.addBoth(again)
             return NOT_DONE_YET

@@ -77,7 +77,9 @@ class Destination:
         self.url = url.encode()
         self.owner = owner
         self.rooms: dict[str, deque[bytes]] = {}  # the head of each may be in flight
-        self.ready: deque[str] = deque()  # rooms whose head may go now
+        # Rooms whose head may go now: (room, its first attempt's time or None, the next
+        # wait should it fail).
+        self.ready: deque[tuple[str, float | None, float]] = deque()
         self.queued = 0  # events in self.rooms
         self.in_flight = 0
 
@@ -90,14 +92,14 @@ class Destination:
         queue = self.rooms.get(room)
         if queue is None:
             queue = self.rooms[room] = deque()
-            self.ready.append(room)
+            self.ready.append((room, None, FIRST_BACKOFF))
         queue.append(body)
         self.pump()
 
     def pump(self) -> None:
         while self.ready and self.in_flight < MAX_IN_FLIGHT:
-            room = self.ready.popleft()
-            self._attempt(room, self.owner.clock.seconds(), FIRST_BACKOFF)
+            room, first, backoff = self.ready.popleft()
+            self._attempt(room, self.owner.clock.seconds() if first is None else first, backoff)
 
     def _attempt(self, room: str, first: float, backoff: float) -> None:
         owner = self.owner
@@ -123,11 +125,13 @@ class Destination:
                 self._retry(room, first, backoff, f"status {status}")
             else:
                 self._next(room, "rejected", f"status {status}")
+            self.pump()  # the slot this request held
 
         def failed(failure: Failure) -> None:
             self.in_flight -= 1
             self._retry(room, first, backoff, failure.getErrorMessage() or
                         failure.type.__name__)  # type: ignore[union-attr]
+            self.pump()
 
         def broken(failure: Failure) -> None:
             log.failure("webhook bookkeeping failed", failure)
@@ -146,7 +150,7 @@ class Destination:
         if self.in_flight < MAX_IN_FLIGHT:
             self._attempt(room, first, backoff)
         else:
-            self.ready.append(room)  # its turn comes with the next free slot
+            self.ready.append((room, first, backoff))  # with the next free slot
 
     def _next(self, room: str, outcome: str, why: str = "") -> None:
         owner = self.owner
@@ -157,7 +161,7 @@ class Destination:
         queue.popleft()
         self.queued -= 1
         if queue:
-            self.ready.append(room)
+            self.ready.append((room, None, FIRST_BACKOFF))
         else:
             del self.rooms[room]
         self.pump()
@@ -211,8 +215,9 @@ def agent_post(reactor: Any) -> Post:
                              FileBodyProducer(BytesIO(body)))
 
         def read(response: Any) -> Deferred[int]:
+            # The answer is the status code: a body cut short changes nothing.
             body = read_body(response, MAX_RESPONSE_BODY, keep=False)
-            return body.addCallback(lambda _: response.code)
+            return body.addBoth(lambda _: response.code)
 
         status = sent.addCallback(read)
         status.addTimeout(REQUEST_TIMEOUT, reactor)

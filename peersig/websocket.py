@@ -318,7 +318,9 @@ class PeerProtocol(WebSocketServerProtocol):
             self.send_queue = _SendQueue()
         self.__dict__ = dict(attrs)
         try:
-            self.session = self.hub.join(self, req)
+            joined = self.hub.join(self, req)
+            if joined is not None:  # else it waits, or attach() already gave it its session
+                self.session = joined
         except Exception:
             log.failure("join failed")
             self.close_with(CLOSE_INTERNAL, E_INTERNAL)
@@ -530,7 +532,10 @@ class PeerProtocol(WebSocketServerProtocol):
         # sendClose() admits only the application codes (1000, 3000-4999); a server may
         # send the protocol's own 1001/1003/1008/1011, so write the frame ourselves.
         self._write_opening()
-        self.sendCloseFrame(code, reason.encode()[:123], False)
+        # At most 123 bytes (RFC 6455 section 5.5), cut where a character ends: a browser
+        # fails the connection (1006) on a reason that is not UTF-8.
+        raw = reason.encode()[:123].decode("utf-8", "ignore").encode()
+        self.sendCloseFrame(code, raw, False)
 
     def abort_connection(self) -> None:
         self.dropConnection(abort=True)

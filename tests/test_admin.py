@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -604,3 +605,93 @@ def test_a_draining_server_sends_the_departures_before_it_exits(tmp_path: Path) 
     finally:
         server.stop()
         receiver.stop()
+
+
+def test_a_retry_that_waited_for_a_slot_keeps_its_deadline() -> None:
+    receiver = FakeReceiver()
+    hooks, clock = webhooks(receiver, retry_for=3.0)
+    hooks.event("room_started", "r0")
+    receiver.answer(0, 500)
+    for n in range(1, MAX_IN_FLIGHT + 1):
+        hooks.event("room_started", f"r{n}")
+    clock.advance(FIRST_BACKOFF)  # r0's retry finds every slot taken
+    clock.advance(5.0)  # past retry_for while it waits
+    receiver.answer(1, 200)  # a slot frees: r0 goes once more
+    receiver.answer(len(receiver.requests) - 1, 500)
+    assert hooks.counts["failed"] == 1  # its deadline held: given up, not retried anew
+
+
+def test_a_failed_attempt_frees_its_slot_for_a_waiting_room() -> None:
+    receiver = FakeReceiver()
+    hooks, _clock = webhooks(receiver)
+    for n in range(MAX_IN_FLIGHT + 1):
+        hooks.event("room_started", f"r{n}")
+    assert len(receiver.requests) == MAX_IN_FLIGHT
+    receiver.answer(0, 503)  # r0 backs off; its slot goes to the waiting room
+    assert receiver.types()[-1] == (f"r{MAX_IN_FLIGHT}", "room_started")
+
+
+class _Http10Handler(BaseHTTPRequestHandler):
+    """Answers as http.server does by default: HTTP/1.0, no Content-Length, body to EOF."""
+
+    server: Receiver
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        self.server.events.append(json.loads(body))
+        self.send_response(200)
+        self.end_headers()
+        self.wfile.write(b"ok")
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+def test_a_receiver_whose_answer_ends_with_its_connection_gets_each_event_once(
+        tmp_path: Path) -> None:
+    receiver = Receiver()
+    receiver.RequestHandlerClass = _Http10Handler
+    server = webhook_server(tmp_path, receiver.url)
+    server.start()
+    try:
+        with connect(server.ws_url("alice", token="r")) as a:
+            recv_json(a)
+        events = receiver.wait_for(4)
+        time.sleep(1.5)  # a retry would come after 0.5 s
+        assert [e["type"] for e in receiver.events] == ["room_started", "peer_joined",
+                                                         "peer_left", "room_finished"]
+        assert sample_metrics(server)[("peersig_webhook_events_total", "delivered")] == 4
+        assert events == receiver.events
+    finally:
+        server.stop()
+        receiver.stop()
+
+
+def test_in_none_mode_only_the_key_names_a_room(tmp_path: Path) -> None:
+    from twisted.web.test.requesthelper import DummyRequest
+
+    from peersig.admin import AdminRoot
+
+    world = World(room_by="none", key="game")
+    root = AdminRoot(world.hub, ADMIN_TOKEN)
+    for name, status in (("typo", 404), ("game", 200)):
+        request = DummyRequest([])
+        request.method = b"DELETE"
+        request.path = f"/rooms/{name}/peers/bob".encode()
+        request.args = {b"ban": [b"60"]}
+        request.requestHeaders.addRawHeader(b"authorization", b"Bearer " + ADMIN_TOKEN)
+        root.render(request)
+        assert request.responseCode in (status, None if status == 200 else status), name
+    assert list(world.hub.bans) == [("", "bob")]
+
+
+def test_a_long_non_ascii_reason_still_closes_1008(
+        admin_server: tuple[ServerProcess, str]) -> None:
+    server, base = admin_server
+    reason = "é" * 100  # 200 bytes: the close reason is cut to 123, on a character
+    with connect(server.ws_url("bob", token="lobby")) as b:
+        recv_json(b)
+        status, _ = admin(base, "DELETE", f"/rooms/lobby/peers/bob?reason={quote(reason)}")
+        assert status == 200
+        assert recv_json(b) == {"type": "ERROR", "payload": {"msg": reason}}
+        assert close_code(b) == 1008

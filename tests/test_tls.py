@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
 from peersig.tls import OP_ENABLE_KTLS, kernel_tls, load_context
@@ -253,3 +254,18 @@ def test_kernel_tls_is_asked_for_only_where_the_kernel_has_it(tmp_path: Path) ->
     with open("/proc/sys/net/ipv4/tcp_available_ulp") as f:
         assert kernel_tls() == ("tls" in f.read().split())
 
+
+
+def test_a_drain_closes_wss_peers_with_1001(tmp_path: Path) -> None:
+    proc = ServerProcess(tmp_path, [], tls=True)
+    proc.start()
+    try:
+        with connect(wss_url(proc, "a", "drain"), ssl=insecure()) as ws:
+            recv_json(ws)
+            proc.signal()
+            with pytest.raises(ConnectionClosed) as closed:
+                ws.recv(timeout=5)
+            assert closed.value.rcvd is not None and closed.value.rcvd.code == 1001
+        assert proc.proc is not None and proc.proc.wait(timeout=15) == 0
+    finally:
+        proc.stop()

@@ -696,3 +696,34 @@ def test_the_101_goes_out_with_the_first_frame_and_before_any_close(
     assert wire.startswith(b"HTTP/1.1 101 ")
     (op, payload), = server_frames(wire.split(b"\r\n\r\n", 1)[1])
     assert op == 8 and int.from_bytes(payload[:2], "big") == 1011
+
+
+class DecidedAtOnce:
+    """An authorizer that asks for a wait once per id, with a ``later`` that has already
+    fired (a cached decision)."""
+
+    name = "decided"
+
+    def __init__(self) -> None:
+        self.asked: set[str] = set()
+
+    def authorize(self, request: Any, room: str, config: Any, now: float) -> Any:
+        from twisted.internet.defer import succeed
+
+        from peersig.auth import ALLOW, Verdict
+
+        if request.id in self.asked:
+            return ALLOW
+        self.asked.add(request.id)
+        return Verdict(False, later=succeed(None))
+
+
+def test_a_verdict_that_came_at_once_still_opens_a_working_session() -> None:
+    world = World(rate_limit=0, authorizer=DecidedAtOnce())
+    bob = Peer(world, "bob")
+    bob.frames()
+    waiter = Peer(world, "waiter")
+    assert waiter.texts() == [{"type": "OPEN"}]
+    assert waiter.proto.session is not None
+    waiter.proto.dataReceived(client_frame(b'{"type":"OFFER","dst":"bob","payload":2}'))
+    assert bob.texts() == [{"type": "OFFER", "src": "waiter", "dst": "bob", "payload": 2}]
