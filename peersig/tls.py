@@ -82,6 +82,10 @@ def load_context(private_key: str, cert_key: str, chain: str | None,
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.options |= ssl.OP_NO_RENEGOTIATION | (OP_ENABLE_KTLS if ktls else 0)
     context.set_alpn_protocols(ALPN)
+    # One TLS 1.3 session ticket per connection, not OpenSSL's two: enough for a browser's
+    # reconnect to resume (tickets are used once), and a little less CPU per connect
+    # (0.624 -> 0.608 ms in bench/, three runs each).
+    context.num_tickets = 1
     # load_cert_chain reads files only: the certificates, in order, from a private one.
     with tempfile.NamedTemporaryFile(prefix="peersig-chain-", suffix=".pem") as pem:
         pem.write(b"\n".join(certs) + b"\n")

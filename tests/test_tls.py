@@ -269,3 +269,20 @@ def test_a_drain_closes_wss_peers_with_1001(tmp_path: Path) -> None:
         assert proc.proc is not None and proc.proc.wait(timeout=15) == 0
     finally:
         proc.stop()
+
+
+def test_a_reconnect_resumes_its_tls_session(server: ServerProcess) -> None:
+    context = insecure()
+
+    def open_once(session: ssl.SSLSession | None) -> tuple[ssl.SSLSession | None, bool]:
+        with socket.create_connection(("127.0.0.1", server.tls_port)) as raw, \
+                context.wrap_socket(raw, server_hostname="localhost", session=session) as tls:
+            tls.sendall(b"GET /health HTTP/1.0\r\nHost: x\r\n\r\n")
+            while tls.recv(65536):  # the ticket comes after the handshake, with the answer
+                pass
+            return tls.session, tls.session_reused
+
+    session, reused = open_once(None)
+    assert session is not None and not reused
+    _, reused = open_once(session)
+    assert reused  # no certificate, no signature: a browser's reconnect costs less
