@@ -323,6 +323,7 @@ def wss_section(res: dict) -> list[str]:
            "| Metric | peersig | reference | ratio | target | met |",
            "|---|---:|---:|---:|---|---|"]
     t = Table(runs)
+    cells: dict[tuple[str, str], float | None] = {}
     for n in a.get("wss_sizes", []):
         sc = f"wss-connect{n}"
         if sc not in runs:
@@ -365,7 +366,34 @@ def wss_section(res: dict) -> list[str]:
         t.row("server RSS, MiB", "wss-idle", "rss_kib", 1,
               fmt=lambda v: _num(v / 1024 if v else None, 1))
         t.row("peers dropped that were heartbeating", "wss-idle", "drops", 0)
-    return [*out, *t.rows, ""]
+
+        def per_beat(sc: str, kind: str) -> float | None:
+            cpu, beats = (t.get(sc, kind, k) for k in ("server_cpu_pct", "heartbeats_per_s"))
+            return cpu / 100 / beats * 1e6 if cpu and beats else None
+
+        cells.update({(sc, k): per_beat(sc, k) for sc in ("idle", "wss-idle")
+                      for k in ("peersig", "reference")})
+        if all(cells.values()):
+            t.raw("server CPU per heartbeat, ws → wss, µs",
+                  f"{cells['idle', 'peersig']:.1f} → {cells['wss-idle', 'peersig']:.1f}",
+                  f"{cells['idle', 'reference']:.1f} → {cells['wss-idle', 'reference']:.1f}")
+    notes = ["", "Where TLS costs go (see the profile below, taken over wss): "
+             "`TLSServer.doRead` and `TLSServer.writeSomeData` hold OpenSSL's `SSL_read` and "
+             "`SSL_write` and the system calls under them. Each record costs OpenSSL 3.0 a "
+             "fixed few microseconds (a cipher context set up per record, buffers allocated "
+             "and released), and without read-ahead, which Python's `ssl` module cannot "
+             "switch on, a record takes two system calls (header, then body), where Node "
+             "reads a socket once into its own buffer."]
+    if cells and all(cells.values()):
+        ours = cells["wss-idle", "peersig"] - cells["idle", "peersig"]
+        theirs = cells["wss-idle", "reference"] - cells["idle", "reference"]
+        ws_ours, ws_theirs = cells["idle", "peersig"], cells["idle", "reference"]
+        notes.append(f"A heartbeat is where that weighs most: TLS adds {ours:.1f} µs to each "
+                     f"here and {theirs:.1f} µs to the reference's, on top of {ws_ours:.1f} "
+                     f"and {ws_theirs:.1f} µs over ws.")
+    notes += ["Kernel TLS would take the records out of OpenSSL; this VM's kernel has no `tls` "
+              "module to measure it with.", ""]
+    return [*out, *t.rows, *notes]
 
 
 def problems_section(res: dict) -> str:
