@@ -250,9 +250,10 @@ def test_kernel_tls_is_asked_for_only_where_the_kernel_has_it(tmp_path: Path) ->
     key, cert = make_self_signed_cert(tmp_path)
     assert load_context(str(key), str(cert), None, ktls=True).options & OP_ENABLE_KTLS
     assert not load_context(str(key), str(cert), None).options & OP_ENABLE_KTLS
-    # This machine: whatever /proc says is what the server uses.
-    with open("/proc/sys/net/ipv4/tcp_available_ulp") as f:
-        assert kernel_tls() == ("tls" in f.read().split())
+    # This machine: whatever /proc says is what the server uses (the file may be missing,
+    # as in the network namespace the browser tests move the test process to).
+    ulp_here = Path("/proc/sys/net/ipv4/tcp_available_ulp")
+    assert kernel_tls() == (ulp_here.exists() and "tls" in ulp_here.read_text().split())
 
 
 
