@@ -54,7 +54,8 @@ class IPeerAuthorizer(Interface):
 @implementer(IPlugin, IPeerAuthorizer)
 class OpenAuthorizer:
     """Everyone who passes peersig's own checks may join; nobody takes a live id over
-    except by the rules every mode has (a dead holder; the same token in key/none modes)."""
+    except by the rules every mode has (a dead holder; the same token in key/none modes; a
+    holder that does not answer the takeover probe)."""
 
     name = "open"
 

@@ -87,6 +87,7 @@ class Destination:
         owner = self.owner
         if self.queued >= owner.limit:
             owner.counts["dropped"] += 1
+            owner.warn(self.url, "dropped", f"{owner.limit} events wait already")
             return
         self.queued += 1
         queue = self.rooms.get(room)
