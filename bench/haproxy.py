@@ -139,6 +139,16 @@ def render_config(
     return text[:start] + body + text[end:]
 
 
+def stop_process(proc: subprocess.Popen, timeout: float) -> None:
+    """SIGTERM to exactly this process (by its pid), SIGKILL if it outlives ``timeout``."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 @dataclass
 class ServerState:
     status: str  # UP, DOWN, "UP 1/2", MAINT, ...
@@ -195,12 +205,7 @@ class HAProxy:
         """Stops exactly the process this object started, by its pid (SIGTERM: hard stop)."""
         if self.proc is None or self.proc.poll() is not None:
             return
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        stop_process(self.proc, 5)
 
     @property
     def pid(self) -> int:
@@ -351,12 +356,7 @@ class Node:
     def stop(self) -> None:
         if self.proc is None or self.proc.poll() is not None:
             return
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        stop_process(self.proc, 10)
 
 
 class Generator:

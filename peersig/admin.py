@@ -91,6 +91,8 @@ class AdminRoot(Resource):
             return {"rooms": [{"room": hub.public_name(room), "peers": len(room.peers),
                                "created": _ms(room.created)} for room in hub.rooms.values()]}
         name = parts[1]
+        if hub.room_key(name) is None:  # none mode: only the key names the room
+            raise AdminError(404, "No such room")
         room = hub.room_named(name)
         if len(parts) == 4:
             return self._remove_peer(request, name, room, parts[3])
@@ -121,8 +123,6 @@ class AdminRoot(Resource):
         session = room.peers.get(peer_id) if room is not None else None
         if session is None and ban is None:
             raise AdminError(404, "No such peer in that room")
-        if hub.config.room_by == "none" and name != hub.config.key:
-            raise AdminError(404, "No such room (in none mode the one room is named by the key)")
         answer: dict[str, Any] = {"removed": session is not None}
         if ban is not None:
             if len(hub.bans) >= MAX_BANS:

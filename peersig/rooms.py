@@ -673,11 +673,18 @@ class Hub:
         is named by the key."""
         return self.config.key if self.config.room_by == "none" else room.name
 
-    def room_named(self, name: str) -> Room | None:
-        """The room the admin API calls ``name`` (see ``public_name``), if it has peers."""
+    def room_key(self, name: str) -> str | None:
+        """The registry's name for the room the admin API calls ``name`` (the inverse of
+        ``public_name``), or None where no room can be called that (in ``none`` mode,
+        anything but the key)."""
         if self.config.room_by == "none":
-            return self.rooms.get("") if name == self.config.key else None
-        return self.rooms.get(name)
+            return "" if name == self.config.key else None
+        return name
+
+    def room_named(self, name: str) -> Room | None:
+        """The room the admin API calls ``name``, if it has peers."""
+        key = self.room_key(name)
+        return None if key is None else self.rooms.get(key)
 
     def remove(self, session: Session, reason: str, notify: bool = True) -> None:
         """An operator removes a peer: ERROR with ``reason``, LEAVE to its room (unless
@@ -689,8 +696,10 @@ class Hub:
     def ban(self, room: str, peer_id: str, until: float, reason: str) -> None:
         """Refuse ``peer_id`` in the room the admin API calls ``room`` until ``until``
         (server clock), with ERROR ``reason``; the sweep forgets bans past their time."""
-        name = "" if self.config.room_by == "none" else room
-        self.bans[(name, peer_id)] = (until, reason)
+        key = self.room_key(room)
+        if key is None:
+            raise ValueError(f"no room can be called {room!r} in none mode")
+        self.bans[(key, peer_id)] = (until, reason)
 
     def close_room(self, room: Room, reason: str) -> int:
         """Remove every peer of ``room`` (nobody is left to hear a LEAVE); how many."""

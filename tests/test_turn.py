@@ -9,7 +9,6 @@ import hmac
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import time
@@ -28,7 +27,7 @@ from peersig.turn import AddressRate, credential, ice_configuration, valid_ice_u
 from peersig.websocket import make_factory
 
 from .fakes import World
-from .serverproc import ServerProcess, free_port
+from .serverproc import ServerProcess, free_port, stop_process
 from .test_websocket import TCPLikeTransport
 
 SECRET = b"coturn-static-auth-secret-0123456789"
@@ -236,12 +235,7 @@ class Coturn:
         return result.returncode == 0 and "Total lost packets 0 " in result.stdout
 
     def stop(self) -> None:
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        stop_process(self.proc, timeout=5)
 
 
 @pytest.fixture(scope="module")
