@@ -7,7 +7,6 @@ import signal
 import socket
 from typing import Any
 
-from autobahn.twisted.resource import WebSocketResource
 from twisted.application.internet import StreamServerEndpointService, TimerService
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred
@@ -23,6 +22,7 @@ from .jwtauth import JWKS
 from .messages import CLOSE_GOING_AWAY
 from .rooms import Hub
 from .tls import ReloadingTLS, tls_endpoint, with_backlog
+from .upstream.twisted import raise_on_listen_error
 from .web import QuietSite, Root
 from .webhooks import Webhooks, agent_post
 from .websocket import PeerFactory, make_factory
@@ -169,7 +169,7 @@ class KeepAliveEndpoint:
 
 
 def make_site(hub: Hub, factory: PeerFactory) -> QuietSite:
-    site = QuietSite(Root(hub, WebSocketResource(factory)))
+    site = QuietSite(Root(hub, factory))
     site.websocket = factory
     site.upgrade_prefix = b"GET " + hub.config.path.encode() + b"peerjs?"
     # A client that opens TCP and sends nothing, or half a request, is cut this soon.
@@ -192,14 +192,11 @@ def make_service(config: Config, ports: list[str], reactor: Any) -> PeersigServi
             endpoint = serverFromString(reactor, with_backlog(description))
         if config.keepalive:
             endpoint = KeepAliveEndpoint(endpoint, config.keepalive)
-        listening = StreamServerEndpointService(endpoint, site)
-        listening._raiseSynchronously = True
-        listening.setServiceParent(top)
+        raise_on_listen_error(StreamServerEndpointService(endpoint, site)).setServiceParent(top)
     if config.admin_port is not None and config.admin_token is not None:
         admin = StreamServerEndpointService(serverFromString(reactor, config.admin_port),
                                             make_admin_site(hub, config.admin_token))
-        admin._raiseSynchronously = True
-        admin.setServiceParent(top)
+        raise_on_listen_error(admin).setServiceParent(top)
     if config.webhooks and config.webhook_secret is not None:
         hub.events = Webhooks(config.webhooks, config.webhook_secret, reactor,
                               agent_post(reactor), hub.stats.webhooks, config.webhook_queue,

@@ -15,6 +15,7 @@ from urllib.parse import urlsplit
 from twisted.application.service import IService
 from twisted.python import usage
 
+from . import upstream
 from .auth import authorizers
 from .config import Config
 from .tls import CertificateError, load_context, split_description
@@ -212,6 +213,11 @@ class Options(usage.Options):
                 self[name] = [v.strip() for v in value.split(",") if v.strip()]
 
     def postOptions(self) -> None:
+        unknown = upstream.unknown_off()
+        if unknown:
+            raise usage.UsageError(
+                f"PEERSIG_WITHOUT_REACH={','.join(unknown)}: not an optional reach (see "
+                f"peersig/upstream/__init__.py: {', '.join(upstream.optional())})")
         if not self["port"]:
             self["port"] = [DEFAULT_PORT]
         if self["alive-timeout"] - self["sweep-interval"] <= self["ping-interval"]:
@@ -364,8 +370,8 @@ def makeService(options: Options) -> IService:
 
     from twisted.internet import reactor
 
-    from .reactor import lighten
     from .service import make_service
+    from .upstream.twisted import lighten
 
     lighten(reactor)
     # A full pass of the cycle collector walks every tracked object, some 50 per peer: the

@@ -23,7 +23,7 @@ import ssl
 import tempfile
 from typing import Any
 
-from twisted.internet import defer, main, tcp
+from twisted.internet import defer, error, main, tcp
 from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.logger import Logger
 from zope.interface import implementer
@@ -142,11 +142,11 @@ class TLSServer(tcp.Server):
 
     def __init__(self, sock: Any, protocol: Any, client: Any, server: TLSPort, sessionno: int,
                  reactor: Any) -> None:
-        # The C object under ssl.SSLSocket: its read() and write() are the C calls
-        # themselves, without SSLSocket's Python wrappers around each.
-        self._tls = server.tls.context._wrap_socket(  # type: ignore[attr-defined]
-            sock, server_side=True)
-        super().__init__(sock, protocol, client, server, sessionno, reactor)
+        # The socket becomes an SSLSocket (the accepted one is detached into it): reads are
+        # SSL_read and writes SSL_write on its descriptor, in C.
+        self._tls = server.tls.context.wrap_socket(
+            sock, server_side=True, do_handshake_on_connect=False, suppress_ragged_eofs=False)
+        super().__init__(self._tls, protocol, client, server, sessionno, reactor)
 
     def _handshake(self) -> Any:
         """One step of the handshake: None while it goes on (or once it is over),
@@ -164,10 +164,9 @@ class TLSServer(tcp.Server):
         except (ssl.SSLError, OSError, ValueError):
             return main.CONNECTION_LOST
         self._handshaking = False
-        if self.dataBuffer or self._tempDataBuffer:
-            self.startWriting()
-        elif not self._read_wants_write:
-            self.stopWriting()
+        # What the protocol wrote meanwhile goes now; with nothing to write, the next
+        # doWrite stops writing by itself.
+        self.startWriting()
         return None
 
     def doRead(self) -> Any:
@@ -231,12 +230,13 @@ class TLSServer(tcp.Server):
         except (ssl.SSLError, OSError):
             return main.CONNECTION_LOST
 
-    def _closeSocket(self, orderly: bool) -> None:
-        if orderly and not self._handshaking:
+    def connectionLost(self, reason: Any) -> None:
+        if not self._handshaking and not reason.check(error.ConnectionAborted) \
+                and hasattr(self, "socket"):
             # close_notify; the client's own is not waited for
             with contextlib.suppress(ssl.SSLError, OSError, ValueError):
-                self._tls.shutdown()
-        super()._closeSocket(orderly)
+                self._tls.unwrap()
+        super().connectionLost(reason)
 
 
 class TLSPort(tcp.Port):

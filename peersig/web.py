@@ -1,7 +1,8 @@
 """HTTP beside the WebSocket on one port: banner, id, peers, health, metrics, CORS.
 
 One leaf resource routes every request, so each URL of ``docs/protocol.md`` is found here.
-``{path}peerjs`` is handed to Autobahn's ``WebSocketResource``.
+A request for ``{path}peerjs`` is a WebSocket opening handshake, answered by a
+``PeerProtocol`` (``handshake.py``): the connection is handed to it.
 """
 
 from __future__ import annotations
@@ -10,23 +11,21 @@ import json
 import time
 from typing import Any, cast
 
-from autobahn.twisted.resource import WebSocketResource
-from twisted.internet.base import DelayedCall
-from twisted.internet.interfaces import IConsumer, IDelayedCall, ILoggingContext, IProtocolFactory
+from twisted.internet.interfaces import IDelayedCall, ILoggingContext, IProtocolFactory
 from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
-from twisted.protocols.policies import ProtocolWrapper
 from twisted.python.failure import Failure
 from twisted.web.http import HTTPChannel
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 from zope.interface import implementer_only
 
-from . import __version__
+from . import __version__, handshake
 from .messages import E_INTERNAL, E_RATE_LIMIT
 from .metrics import CONTENT_TYPE, make_registry, render, summary
 from .rooms import Hub, JoinRequest, Pending, Refusal
 from .turn import AddressRate, ice_configuration
+from .upstream.twisted import take_transport
 from .websocket import PeerFactory, PeerProtocol, client_address
 
 log = Logger()
@@ -46,7 +45,7 @@ ICE_RATE = 1.0
 class Root(Resource):
     isLeaf = True
 
-    def __init__(self, hub: Hub, websocket: WebSocketResource) -> None:
+    def __init__(self, hub: Hub, websocket: PeerFactory) -> None:
         super().__init__()
         self.hub = hub
         self.websocket = websocket
@@ -92,17 +91,25 @@ class Root(Resource):
         return b"Not found"
 
     def _upgrade(self, request: Request) -> Any:
+        """A request for ``{path}peerjs`` that Twisted's HTTP parser read (HTTP/1.0, a
+        later request on a kept-alive connection): the connection goes to a
+        ``PeerProtocol``, which answers it as it answers one it read itself."""
         channel = request.channel
         transport = channel.transport
-        result = self.websocket.render(request)
-        if channel.transport is None and transport is not None:
-            # Autobahn took the socket. What still ties the HTTP side to it (the channel
-            # registered as the socket's producer, the request in the channel's queue) would
-            # keep the channel, the request and its headers alive as long as the peer stays:
-            # some 4 KB a peer for nothing. Let them go now.
-            cast(IConsumer, transport).unregisterProducer()
-            channel.requests.clear()
-        return result
+        assert transport is not None
+        protocol = cast(PeerProtocol, self.websocket.buildProtocol(transport.getPeer()))
+        take_transport(transport, protocol)
+        channel.transport = None
+        # The request never finishes: let the channel forget it, so that neither keeps the
+        # other (and the headers) alive for as long as the peer stays.
+        channel.requests.clear()
+        fields = tuple((name.decode("iso-8859-1").lower(), value.decode("iso-8859-1"))
+                       for name, values in request.requestHeaders.getAllRawHeaders()
+                       for value in values)
+        protocol.upgrade(handshake.Request(request.method.decode("iso-8859-1"),
+                                           request.uri.decode("iso-8859-1"),
+                                           request.clientproto.decode("iso-8859-1"), fields))
+        return NOT_DONE_YET
 
     def _cors(self, request: Request) -> None:
         raw_origin = request.getHeader(b"origin")
@@ -167,8 +174,11 @@ class Root(Resource):
         cfg = hub.config
         admitted = hub.gate(req, now)
         if isinstance(admitted, Pending):  # the authorizer fetches keys: answer after
+            gone: list[object] = []
+            request.notifyFinish().addErrback(gone.append)  # the client went away
+
             def again(_: object) -> None:
-                if request.finished or request._disconnected:
+                if request.finished or gone:
                     return
                 try:
                     answer = self._ice_answer(request, req, hub.clock.seconds())
@@ -227,10 +237,10 @@ class GuardedChannel(HTTPChannel):
     """An HTTP connection that must deliver a whole request head within the site's
     ``timeOut``: idle timeouts alone let a client trickle one byte at a time forever.
 
-    A connection that opens with ``GET {path}peerjs?`` is a PeerJS client's upgrade: it is
-    handed to Autobahn as it arrives, so the request is parsed once, by Autobahn, instead of
-    by Twisted's HTTP parser first and then again by Autobahn from a copy. Anything else
-    (and any later request on the connection) is plain HTTP for ``Root``.
+    A connection that opens with ``GET {path}peerjs?`` and HTTP/1.1 is a PeerJS client's
+    upgrade: it is handed to a ``PeerProtocol`` as it arrives, so the request is parsed
+    once, by ``handshake.parse_head``, instead of by Twisted's HTTP parser first. Anything
+    else (and any later request on the connection) is plain HTTP for ``Root``.
     """
 
     site: QuietSite
@@ -238,6 +248,8 @@ class GuardedChannel(HTTPChannel):
     _got_head = False
     _sniffing = True
     _start = b""
+    # The protocol the connection went to, until its handshake ends or the deadline passes.
+    _upgraded: PeerProtocol | None = None
 
     def connectionMade(self) -> None:
         # Until the connection shows it is plain HTTP the deadline bounds it, and an
@@ -256,7 +268,6 @@ class GuardedChannel(HTTPChannel):
                 if line_end < 0 and len(data) < MAX_REQUEST_LINE:
                     self._start = data  # not enough to tell yet
                     return
-                # Autobahn takes HTTP/1.1 only; anything else is Root's to answer.
                 if data[:line_end].endswith(b" HTTP/1.1") and self.site.websocket is not None:
                     self._sniffing = False
                     self._start = b""
@@ -271,26 +282,14 @@ class GuardedChannel(HTTPChannel):
         transport = self.transport
         assert transport is not None
         protocol = cast(PeerProtocol, factory.buildProtocol(transport.getPeer()))
-        # The handshake deadline goes with the connection, to the second: Autobahn's own
-        # timer would round it down to a whole second and could cut a client early.
-        # The same timer call, now aimed at the protocol.
-        deadline, self._deadline = self._deadline, None
-        if deadline is not None and deadline.active():
-            call = cast(DelayedCall, deadline)
-            call.func, call.args, call.kw = protocol.handshake_expired, (), {}
-            protocol.openHandshakeTimeout = 0
-            protocol.handshake_deadline = deadline
-        cast(IConsumer, transport).unregisterProducer()
+        # The handshake deadline goes with the connection, to the second: the same timer,
+        # which now ends the protocol's handshake (and which it cancels once open).
+        if self._deadline is not None and self._deadline.active():
+            self._upgraded = protocol
+            protocol.handshake_deadline = self._deadline
+        self._deadline = None
         self.transport = None
-        # As Autobahn's WebSocketResource does it: under TLS the socket's protocol is the
-        # TLS layer, which delivers to a wrapped protocol.
-        if isinstance(transport, ProtocolWrapper):
-            transport.wrappedProtocol = protocol
-        elif isinstance(getattr(transport, "protocol", None), ProtocolWrapper):
-            transport.protocol.wrappedProtocol = protocol  # type: ignore[attr-defined]
-        else:
-            transport.protocol = protocol  # type: ignore[attr-defined]
-        protocol.makeConnection(transport)
+        take_transport(transport, protocol)
         protocol.dataReceived(data)
 
     def allHeadersReceived(self) -> None:
@@ -304,8 +303,11 @@ class GuardedChannel(HTTPChannel):
 
     def _deadline_passed(self) -> None:
         self._deadline = None
-        # After a WebSocket upgrade the transport belongs to Autobahn (ours is None).
-        if not self._got_head and self.transport is not None:
+        upgraded, self._upgraded = self._upgraded, None
+        if upgraded is not None:
+            upgraded.handshake_expired()
+        # After a WebSocket upgrade the transport belongs to the protocol (ours is None).
+        elif not self._got_head and self.transport is not None:
             self.transport.abortConnection()  # type: ignore[attr-defined]
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
@@ -326,7 +328,7 @@ class QuietSite(Site):
     """
 
     protocol = GuardedChannel  # type: ignore[assignment]
-    # Set by make_site: PeerJS upgrades go straight to this factory (see GuardedChannel).
+    # Set by make_site: PeerJS upgrades go to this factory (see GuardedChannel and Root).
     websocket: PeerFactory | None = None
     upgrade_prefix = b"GET /peerjs?"
 

@@ -357,7 +357,7 @@ def test_an_endless_upgrade_head_is_refused(world: World) -> None:
     channel.dataReceived(b"GET /peerjs?key=peerjs&id=eve&token=r HTTP/1.1\r\n")
     for _ in range(25):
         transport.protocol.dataReceived(b"X-Padding: " + b"a" * 1000 + b"\r\n")
-    assert transport.value().startswith(b"HTTP/1.1 400") and transport.disconnecting
+    assert transport.value().startswith(b"HTTP/1.1 431") and transport.disconnecting
 
 
 def test_an_oversize_head_in_one_read_is_refused_too(world: World) -> None:
@@ -365,7 +365,7 @@ def test_an_oversize_head_in_one_read_is_refused_too(world: World) -> None:
     request = handshake(query="key=peerjs&id=carol&token=r").replace(
         b"\r\n\r\n", b"\r\nCookie: " + b"c" * 25000 + b"\r\n\r\n")
     transport.protocol.dataReceived(request)
-    assert transport.value().startswith(b"HTTP/1.1 400") and transport.disconnecting
+    assert transport.value().startswith(b"HTTP/1.1 431") and transport.disconnecting
     assert not world.hub.sessions
 
 
@@ -401,12 +401,13 @@ def test_a_drain_can_close_a_connection_still_in_its_handshake(world: World) -> 
     assert transport.disconnecting
 
 
-def test_an_http_1_0_upgrade_still_goes_through_root(world: World) -> None:
+def test_an_http_1_0_upgrade_goes_through_root_and_is_refused(world: World) -> None:
+    # RFC 6455 section 4.1: an opening handshake is HTTP/1.1 or later.
     channel, transport = http_connection(world)
     channel.dataReceived(
         handshake(query="key=peerjs&id=old&token=r").replace(b"HTTP/1.1", b"HTTP/1.0", 1))
-    assert transport.value().startswith(b"HTTP/1.1 101")
-    assert "old" in world.hub.rooms["r"].peers
+    assert transport.value().startswith(b"HTTP/1.1 505") and transport.disconnecting
+    assert not world.hub.sessions
 
 
 def test_a_departed_peer_is_freed_without_the_cycle_collector(world: World) -> None:
@@ -468,7 +469,7 @@ def test_keepalive_applies_to_tcp_sockets_only() -> None:
         assert not keep_alive(unix, 5)
 
 
-# -- the lean opening handshake (PeerProtocol._open) answers as Autobahn does ---------------
+# -- the opening handshake (handshake.py, through PeerProtocol and GuardedChannel) -----------
 
 Q = "key=peerjs&id=alice&token=room1"
 BROWSER = (f"GET /peerjs?{Q} HTTP/1.1\r\nHost: peers.example:9000\r\nConnection: Upgrade\r\n"
@@ -476,34 +477,56 @@ BROWSER = (f"GET /peerjs?{Q} HTTP/1.1\r\nHost: peers.example:9000\r\nConnection:
            "Sec-WebSocket-Version: 13\r\nUser-Agent: Mozilla/5.0\r\n"
            "Sec-WebSocket-Key: x3JJHMbDL1EzLkh9GBhXDw==\r\n"
            "Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n\r\n")
+# Extension offers as clients send them (issue 21): Chromium's, Firefox's, Go's
+# gorilla/websocket with compression, and one with parameter values.
+OFFERS = {
+    "chromium": "permessage-deflate; client_max_window_bits",
+    "firefox": "permessage-deflate",
+    "gorilla": "permessage-deflate; server_no_context_takeover; client_no_context_takeover",
+    "parameterised": "permessage-deflate; server_max_window_bits=12; client_max_window_bits=10",
+    "none": None,
+}
+
+
+def offering(request: str, extensions: str | None) -> str:
+    line = "Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n"
+    return request.replace(line, "" if extensions is None
+                           else f"Sec-WebSocket-Extensions: {extensions}\r\n")
+
+
+# Each request and the status it gets with no allowlist (101: it opens).
 REQUESTS = {
-    "chrome": BROWSER,
-    "firefox": BROWSER.replace("Connection: Upgrade", "Connection: keep-alive, Upgrade")
-                      .replace("client_max_window_bits", "").replace("deflate; ", "deflate"),
-    "bare": handshake(query=Q).decode(),
-    "lower-case names, odd spacing": BROWSER.replace("Upgrade: websocket", "upgrade:websocket  ")
-                                            .replace("Host:", "HOST :"),
-    "ipv6 host": BROWSER.replace("peers.example:9000", "[::1]:9000"),
-    "trailing frame": BROWSER + "\x81\x80abcd",
-    "other extension offer": BROWSER.replace("client_max_window_bits", "bogus=1"),
-    "subprotocol": BROWSER.replace("Pragma", "Sec-WebSocket-Protocol: chat\r\nPragma"),
-    "two hosts": BROWSER.replace("Pragma", "Host: other\r\nPragma"),
-    "no host": BROWSER.replace("Host: peers.example:9000\r\n", ""),
-    "bad port": BROWSER.replace(":9000", ":90x0"),
-    "no key": BROWSER.replace("Sec-WebSocket-Key: x3JJHMbDL1EzLkh9GBhXDw==\r\n", ""),
-    "short key": BROWSER.replace("x3JJHMbDL1EzLkh9GBhXDw==", "x3JJHMbDL1EzLkh9GBhX=="),
-    "bad key": BROWSER.replace("x3JJHMbDL1EzLkh9GBhXDw==", "x3JJHMbDL1E!Lkh9GBhXDw=="),
-    "version 8": BROWSER.replace("Version: 13", "Version: 8"),
-    "version +13": BROWSER.replace("Version: 13", "Version: +13"),
-    "no upgrade": BROWSER.replace("Upgrade: websocket\r\n", ""),
-    "upgrade h2c": BROWSER.replace("Upgrade: websocket", "Upgrade: h2c"),
-    "connection close": BROWSER.replace("Connection: Upgrade", "Connection: close"),
-    "origin null": BROWSER.replace("https://game.example", "null"),
-    "origin odd": BROWSER.replace("https://game.example", "https://game.example/path"),
-    "fragment": BROWSER.replace(f"?{Q}", f"?{Q}#x"),
-    "wrong key param": BROWSER.replace("key=peerjs", "key=nope"),
-    "no id": BROWSER.replace("&id=alice", ""),
-    "latin-1 header": BROWSER.replace("Mozilla/5.0", "Mozilla/5.0 \xe9"),
+    "chrome": (BROWSER, 101),
+    "firefox": (BROWSER.replace("Connection: Upgrade", "Connection: keep-alive, Upgrade")
+                .replace("deflate; client_max_window_bits", "deflate"), 101),
+    "bare": (handshake(query=Q).decode(), 101),
+    "lower-case names, no spaces": (BROWSER.replace("Upgrade: websocket", "upgrade:websocket")
+                                    .replace("Host:", "HOST:"), 101),
+    "ipv6 host": (BROWSER.replace("peers.example:9000", "[::1]:9000"), 101),
+    "trailing frame": (BROWSER + "\x81\x80abcd", 101),
+    "subprotocol": (BROWSER.replace("Pragma", "Sec-WebSocket-Protocol: chat, v2\r\nPragma"), 101),
+    "two extension headers": (BROWSER.replace("Pragma", "Sec-WebSocket-Extensions: x\r\nPragma"),
+                              101),
+    "unknown extension": (BROWSER.replace("client_max_window_bits", "bogus=1"), 101),
+    "latin-1 header": (BROWSER.replace("Mozilla/5.0", "Mozilla/5.0 \xe9"), 101),
+    "wrong key param": (BROWSER.replace("key=peerjs", "key=nope"), 101),  # then ERROR
+    "no id": (BROWSER.replace("&id=alice", ""), 101),  # then ERROR naming what is missing
+    "space before colon": (BROWSER.replace("Host:", "Host :"), 400),
+    "folded header": (BROWSER.replace("Pragma: no-cache", "Pragma: no-cache\r\n  more"), 400),
+    "two hosts": (BROWSER.replace("Pragma", "Host: other\r\nPragma"), 400),
+    "no host": (BROWSER.replace("Host: peers.example:9000\r\n", ""), 400),
+    "bad port": (BROWSER.replace(":9000", ":90x0"), 400),
+    "no key": (BROWSER.replace("Sec-WebSocket-Key: x3JJHMbDL1EzLkh9GBhXDw==\r\n", ""), 400),
+    "short key": (BROWSER.replace("x3JJHMbDL1EzLkh9GBhXDw==", "x3JJHMbDL1EzLkh9GBhX=="), 400),
+    "bad key": (BROWSER.replace("x3JJHMbDL1EzLkh9GBhXDw==", "x3JJHMbDL1E!Lkh9GBhXDw=="), 400),
+    "version 8": (BROWSER.replace("Version: 13", "Version: 8"), 426),
+    "version +13": (BROWSER.replace("Version: 13", "Version: +13"), 426),
+    "no upgrade": (BROWSER.replace("Upgrade: websocket\r\n", ""), 400),
+    "upgrade h2c": (BROWSER.replace("Upgrade: websocket", "Upgrade: h2c"), 400),
+    "connection close": (BROWSER.replace("Connection: Upgrade", "Connection: close"), 400),
+    "fragment": (BROWSER.replace(f"?{Q}", f"?{Q}#x"), 400),
+    "two origins": (BROWSER.replace("Pragma", "Origin: null\r\nPragma"), 400),
+    "nul in a value": (BROWSER.replace("Mozilla/5.0", "Mozilla\x00"), 400),
 }
 
 
@@ -515,23 +538,81 @@ def answer(world: World, request: str) -> tuple[bytes, bool, bool]:
             transport.disconnecting)
 
 
-@pytest.mark.parametrize("name", list(REQUESTS))
-@pytest.mark.parametrize("config", [{}, {"allowed_origins": ("https://else.example",)},
-                                    {"draining": True}])
-def test_the_lean_handshake_answers_as_autobahn_does(name: str, config: dict[str, Any],
-                                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    def world() -> World:
-        w = World(**{k: v for k, v in config.items() if k != "draining"})
-        w.hub.draining = bool(config.get("draining"))
-        return w
+def status(wire: bytes) -> int:
+    return int(wire.split(b" ", 2)[1])
 
-    lean = answer(world(), REQUESTS[name])
-    with monkeypatch.context() as m:
-        m.setattr(PeerProtocol, "_open", lambda self, data: False)
-        generic = answer(world(), REQUESTS[name])
-    assert lean == generic
-    if name in ("chrome", "firefox", "bare") and not config:
-        assert lean[0].startswith(b"HTTP/1.1 101 ") and lean[1]  # taken, and opened
+
+@pytest.mark.parametrize("name", list(REQUESTS))
+def test_each_request_gets_its_answer(name: str) -> None:
+    request, expected = REQUESTS[name]
+    wire, opened, closing = answer(World(), request)
+    assert status(wire) == expected, wire
+    if expected == 101:
+        head, _, frames = wire.partition(b"\r\n\r\n")
+        assert b"Sec-WebSocket-Extensions" not in head  # offers are declined
+        assert b"Sec-WebSocket-Protocol" not in head  # and no subprotocol is chosen
+        first = json.loads(server_frames(frames)[0][1])
+        if name in ("wrong key param", "no id"):
+            assert first["type"] == "ERROR" and not opened  # the join's own refusal
+        else:
+            assert first == {"type": "OPEN"} and opened and not closing
+    else:
+        head, _, body = wire.partition(b"\r\n\r\n")
+        assert b"Connection: close" in head and body and closing and not opened
+
+
+@pytest.mark.parametrize("offer", list(OFFERS))
+@pytest.mark.parametrize("origin", ["null", "file://", "https://game.example"])
+@pytest.mark.parametrize("route", ["direct", "through_root"])
+def test_origins_with_every_extension_offer_open(origin: str, offer: str, route: str) -> None:
+    # Issue 21's cases: what browsers, app shells and Go clients send, through both paths.
+    world = World(allowed_origins=("null", "file://", "https://game.example"))
+    channel, transport = http_connection(world)
+    if route == "through_root":
+        channel._sniffing = False
+    request = offering(BROWSER.replace("https://game.example", origin), OFFERS[offer])
+    channel.dataReceived(request.encode())
+    wire = transport.value()
+    assert wire.startswith(b"HTTP/1.1 101 "), wire
+    assert server_frames(wire.partition(b"\r\n\r\n")[2]) == [(1, b'{"type":"OPEN"}')]
+
+
+@pytest.mark.parametrize("route", ["direct", "through_root"])
+def test_a_subprotocol_offer_opens_without_one(route: str) -> None:
+    channel, transport = http_connection(World(allowed_origins=("null",)))
+    if route == "through_root":
+        channel._sniffing = False
+    channel.dataReceived(BROWSER.replace("https://game.example", "null").replace(
+        "Pragma", "Sec-WebSocket-Protocol: peerjs\r\nPragma").encode())
+    head, _, frames = transport.value().partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 101 ") and b"Sec-WebSocket-Protocol" not in head
+    assert server_frames(frames) == [(1, b'{"type":"OPEN"}')]
+
+
+@pytest.mark.parametrize("route", ["direct", "through_root"])
+@pytest.mark.parametrize("origin", [None, "https://game.example", "null", "bogus"])
+def test_a_draining_node_answers_503_whatever_the_origin(origin: str | None,
+                                                          route: str) -> None:
+    world = World(allowed_origins=("https://game.example",))
+    world.hub.draining = True
+    channel, transport = http_connection(world)
+    if route == "through_root":
+        channel._sniffing = False
+    request = (BROWSER.replace("Origin: https://game.example\r\n", "") if origin is None
+               else BROWSER.replace("https://game.example", origin))
+    channel.dataReceived(request.encode())
+    assert transport.value().startswith(b"HTTP/1.1 503 "), transport.value()
+    assert transport.value().endswith(b"Server is draining") and transport.disconnecting
+
+
+@pytest.mark.parametrize("route", ["direct", "through_root"])
+def test_a_disallowed_origin_gets_403(route: str) -> None:
+    channel, transport = http_connection(World(allowed_origins=("https://else.example",)))
+    if route == "through_root":
+        channel._sniffing = False
+    channel.dataReceived(BROWSER.encode())
+    assert transport.value().startswith(b"HTTP/1.1 403 ") and transport.disconnecting
+    assert transport.value().endswith(b"Origin not allowed")
 
 
 # Origins that pages, app shells and extensions send (issue 17): a page opened from a file
@@ -545,82 +626,66 @@ ORIGINS = ["null", "NULL", "file://", "file:///home/ana/game/index.html",
            "https://Game.Example", "http://x y", ""]
 
 
-def origin_answer(origin: str, lean: bool, monkeypatch: pytest.MonkeyPatch,
-                  **config: Any) -> tuple[bytes, bool]:
-    request = BROWSER.replace("https://game.example", origin)
-    with monkeypatch.context() as m:
-        if not lean:
-            m.setattr(PeerProtocol, "_open", lambda self, data: False)
-        wire, opened, _ = answer(World(**config), request)
-    return wire.partition(b"\r\n")[0], opened
+def origin_answer(origin: str, route: str, **config: Any) -> tuple[bytes, bool]:
+    channel, transport = http_connection(World(**config))
+    if route == "through_root":
+        channel._sniffing = False
+    channel.dataReceived(BROWSER.replace("https://game.example", origin).encode())
+    peers = channel.site.resource.hub.rooms.get("room1")
+    return transport.value().partition(b"\r\n")[0], bool(peers and "alice" in peers.peers)
 
 
-@pytest.mark.parametrize("lean", [True, False], ids=["lean", "autobahn"])
+@pytest.mark.parametrize("route", ["direct", "through_root"])
 @pytest.mark.parametrize("origin", ORIGINS)
-def test_without_an_allowlist_every_origin_opens(origin: str, lean: bool,
-                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    status, opened = origin_answer(origin, lean, monkeypatch)
-    assert status.startswith(b"HTTP/1.1 101 ") and opened, status
+def test_without_an_allowlist_every_origin_opens(origin: str, route: str) -> None:
+    status_line, opened = origin_answer(origin, route)
+    assert status_line.startswith(b"HTTP/1.1 101 ") and opened, status_line
 
 
-@pytest.mark.parametrize("lean", [True, False], ids=["lean", "autobahn"])
+@pytest.mark.parametrize("route", ["direct", "through_root"])
 @pytest.mark.parametrize("origin", ORIGINS)
-def test_with_an_allowlist_exactly_the_listed_origins_open(
-        origin: str, lean: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_with_an_allowlist_exactly_the_listed_origins_open(origin: str, route: str) -> None:
     listed = ("null", "file://", "capacitor://localhost", "app://", "https://game.example")
-    status, opened = origin_answer(origin, lean, monkeypatch, allowed_origins=listed)
+    status_line, opened = origin_answer(origin, route, allowed_origins=listed)
     if origin in listed:
-        assert status.startswith(b"HTTP/1.1 101 ") and opened, status
+        assert status_line.startswith(b"HTTP/1.1 101 ") and opened, status_line
     else:
-        assert status == b"HTTP/1.1 403 Origin not allowed" and not opened, status
+        assert status_line == b"HTTP/1.1 403 Forbidden" and not opened, status_line
 
 
-@pytest.mark.parametrize("lean", [True, False], ids=["lean", "autobahn"])
-def test_an_upgrade_without_origin_is_judged_by_the_allowlist_too(
-        lean: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_an_upgrade_without_origin_is_judged_by_the_allowlist_too() -> None:
     request = BROWSER.replace("Origin: https://game.example\r\n", "")
     for config, opens in (({}, True), ({"allowed_origins": ("null",)}, False)):
-        with monkeypatch.context() as m:
-            if not lean:
-                m.setattr(PeerProtocol, "_open", lambda self, data: False)
-            assert answer(World(**config), request)[1] == opens
-    # A made-up header of the name Autobahn is shown the Origin under changes nothing.
+        assert answer(World(**config), request)[1] == opens
+    # A made-up header that looks like an Origin changes nothing.
     spoof = request.replace("Pragma", "X-Peersig-Origin: null\r\nOrigin: https://evil.example"
                                       "\r\nPragma")
     assert not answer(World(allowed_origins=("null",)), spoof)[1]
-    two = BROWSER.replace("Pragma", "Origin: null\r\nPragma")
-    assert answer(World(allowed_origins=("null",)), two)[0].startswith(b"HTTP/1.1 400 ")
 
 
-@pytest.mark.parametrize("lean", [True, False], ids=["lean", "autobahn"])
 @pytest.mark.parametrize("separator", ["\x0b", "\x0c", "\x1c", "\x1d", "\x1e", "\x85"])
-def test_a_line_break_python_sees_does_not_split_a_header(
-        separator: str, lean: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_line_break_python_sees_does_not_split_a_header(separator: str) -> None:
     # A client behind nginx sends X-Forwarded-For: 6.6.6.6<0x85>; nginx appends the real
-    # address to the same line. str.splitlines ended the line at 0x85, and 6.6.6.6 counted
-    # as the client (found in review).
+    # address to the same line. str.splitlines ends a line at 0x85, and 6.6.6.6 would count
+    # as the client (found in review of issue 17). Control characters are refused.
     request = BROWSER.replace("Pragma", f"X-Forwarded-For: 6.6.6.6{separator}, 203.0.113.9"
                                         "\r\nCookie: name=\xc3\x85sa\r\nPragma")
-    with monkeypatch.context() as m:
-        if not lean:
-            m.setattr(PeerProtocol, "_open", lambda self, data: False)
-        world = World(trusted_proxies=1)
-        _wire, opened, _ = answer(world, request)
-    assert opened
-    (session,) = world.hub.sessions
-    assert session.address == "203.0.113.9"
+    world = World(trusted_proxies=1)
+    wire, opened, _ = answer(world, request)
+    if separator == "\x85":  # obs-text, legal in a value
+        assert opened
+        (session,) = world.hub.sessions
+        assert session.address == "203.0.113.9"
+    else:
+        assert wire.startswith(b"HTTP/1.1 400 ") and not opened
 
 
-@pytest.mark.parametrize("lean", [True, False], ids=["lean", "autobahn"])
 @pytest.mark.parametrize("bare", ["\r", "\n"])
-def test_a_bare_cr_or_lf_in_a_head_is_refused(bare: str, lean: bool,
-                                              monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_bare_cr_or_lf_in_a_head_is_refused(bare: str) -> None:
     request = BROWSER.replace("Pragma", f"X-Forwarded-For: 6.6.6.6{bare}X-A: 1\r\nPragma")
-    with monkeypatch.context() as m:
-        if not lean:
-            m.setattr(PeerProtocol, "_open", lambda self, data: False)
-        wire, opened, _ = answer(World(trusted_proxies=1), request)
+    wire, opened, _ = answer(World(trusted_proxies=1), request)
     assert wire.startswith(b"HTTP/1.1 400 ") and not opened
+    assert wire.endswith(b"Bare CR or LF in the request head")
 
 
 @pytest.mark.parametrize("allowed", [(), ("null", "file://")])
@@ -634,19 +699,18 @@ def test_cors_follows_the_same_allowlist(origin: str, allowed: tuple[str, ...]) 
     assert (f"access-control-allow-origin: {origin}".encode() in head) == allowed_here, head
 
 
-def test_the_lean_handshake_takes_what_browsers_send(monkeypatch: pytest.MonkeyPatch) -> None:
-    taken = []
-    real = PeerProtocol._open
-
-    def spy(self: PeerProtocol, data: bytes) -> bool:
-        taken.append(real(self, data))
-        return taken[-1]
-
-    monkeypatch.setattr(PeerProtocol, "_open", spy)
-    for name in ("chrome", "firefox", "bare", "lower-case names, odd spacing", "ipv6 host"):
-        taken.clear()
-        assert answer(World(), REQUESTS[name])[1], name
-        assert taken == [True], name
+@pytest.mark.parametrize("name", ["chrome", "firefox", "subprotocol", "two origins",
+                                  "version 8", "no upgrade"])
+def test_both_routes_give_the_same_answer(name: str) -> None:
+    # A head Twisted's HTTP parser read (Root) is judged as one read by peersig.
+    answers = []
+    for route in ("direct", "through_root"):
+        channel, transport = http_connection(World())
+        if route == "through_root":
+            channel._sniffing = False
+        channel.dataReceived(REQUESTS[name][0].encode("iso-8859-1"))
+        answers.append(transport.value())
+    assert answers[0] == answers[1]
 
 
 _PIECES = ["GET", "HTTP/1.1", "HTTP/1.0", "/peerjs", "?", "#", ";", ":", ",", " ", "\t",
@@ -659,8 +723,8 @@ _PIECES = ["GET", "HTTP/1.1", "HTTP/1.0", "/peerjs", "?", "#", ";", ":", ",", " 
 @given(edits=st.lists(st.tuples(st.integers(0, len(BROWSER)), st.integers(0, 8),
                                 st.sampled_from(_PIECES) | st.text(max_size=4)),
                       min_size=1, max_size=4))
-def test_a_mangled_request_gets_autobahns_answer(edits: list[tuple[int, int, str]],
-                                                monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_mangled_request_is_opened_or_refused_never_both(
+        edits: list[tuple[int, int, str]]) -> None:
     request = BROWSER
     for at, cut, piece in edits:
         request = request[:at] + piece + request[at + cut:]
@@ -668,10 +732,19 @@ def test_a_mangled_request_gets_autobahns_answer(edits: list[tuple[int, int, str
         request.encode("iso-8859-1")
     except UnicodeEncodeError:
         return
-    lean = answer(World(), request)
-    with monkeypatch.context() as m:
-        m.setattr(PeerProtocol, "_open", lambda self, data: False)
-        assert answer(World(), request) == lean
+    world = World()
+    wire, opened, closing = answer(world, request)
+    if not wire:  # the head is not over yet (its end was cut), or it is plain HTTP
+        return
+    code = status(wire)
+    if code == 101:  # opened (what follows the head may be a bad frame that closes it)
+        assert b"\r\nSec-WebSocket-Accept: " in wire.partition(b"\r\n\r\n")[0]
+    elif b"Connection: close" not in wire:  # not for the WebSocket URL: plain HTTP's answer
+        assert code in (400, 404, 405) and not opened
+    else:
+        assert code in (400, 405, 426, 431, 505) and closing and not opened
+    if code != 101:
+        assert not world.hub.sessions
 
 
 def test_the_101_goes_out_with_the_first_frame_and_before_any_close(

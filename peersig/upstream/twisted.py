@@ -1,0 +1,147 @@
+"""Every reach into Twisted's private internals (the list: ``peersig.upstream``).
+
+Each function or class here says what it assumes of Twisted and what it buys; its direct
+test is in ``tests/test_upstream.py`` under the same name.
+"""
+
+from __future__ import annotations
+
+import errno
+from typing import Any
+
+from twisted.internet.epollreactor import EPollReactor
+from twisted.internet.interfaces import IConsumer, IProtocol
+from twisted.internet.tcp import Server
+from twisted.protocols.policies import ProtocolWrapper
+from twisted.python import log
+
+from . import on
+
+# -- lean_reactor ----------------------------------------------------------------------------
+
+
+class LeanEPollReactor(EPollReactor):
+    """The epoll reactor, minus the per-event log context.
+
+    Twisted's ``EPollReactor.doPoll`` wraps every ready descriptor's ``doRead``/``doWrite``
+    in ``log.callWithLogger``, which copies a context dict and pushes it on a stack so that
+    log lines written during the call name the connection. Peersig logs nothing per frame,
+    so that wrapper is pure cost on its hottest path (every frame in, every pong); this
+    calls the same ``_doReadOrWrite`` directly, and keeps the wrapper's other duty: an error
+    that escapes it (from a ``connectionLost``) is logged, naming the connection, and the
+    other ready descriptors are still served.
+
+    Assumes ``EPollReactor.doPoll`` is: ``self._poller.poll(timeout, len(self._selectables))``,
+    then for each (fd, event) ``self._doReadOrWrite(self._selectables[fd], fd, event)``
+    under ``log.callWithLogger``.
+    """
+
+    def doPoll(self, timeout: float | None) -> None:
+        try:
+            events = self._poller.poll(-1 if timeout is None else timeout, len(self._selectables))
+        except OSError as err:
+            if err.errno == errno.EINTR:
+                return
+            raise
+        selectables = self._selectables
+        handle = self._doReadOrWrite
+        for fd, event in events:
+            selectable = selectables.get(fd)
+            if selectable is not None:
+                try:
+                    handle(selectable, fd, event)
+                except KeyboardInterrupt:
+                    raise
+                except BaseException:
+                    log.err(system=_prefix(selectable))
+
+    doIteration = doPoll
+
+
+def _prefix(selectable: Any) -> str:
+    try:
+        return str(selectable.logPrefix())
+    except Exception:
+        return "(buggy logPrefix method)"
+
+
+def lighten(reactor: Any) -> bool:
+    """Make a running plain ``EPollReactor`` a ``LeanEPollReactor`` (it adds no state, only
+    a method); any other reactor is left alone, as is every reactor with ``lean_reactor``
+    off. True if it changed."""
+    if type(reactor) is EPollReactor and on("lean_reactor"):
+        reactor.__class__ = LeanEPollReactor
+        return True
+    return False
+
+
+# -- write_now -------------------------------------------------------------------------------
+
+# Connections whose writeSomeData may be called directly: TCP, and TCP carrying TLS in the
+# socket's own SSL object (tls.TLSServer, a subclass).
+_DIRECT_WRITE = Server
+
+
+def _write_now(transport: Any, data: bytes) -> None:
+    """``transport.write(data)``, but on a TCP connection (with or without TLS, see
+    ``tls.py``) with nothing buffered the data goes to the socket at once.
+
+    Twisted's write() registers the socket with epoll, waits for the next poll, sends, and
+    unregisters it: two epoll_ctl calls and a dispatch per relayed message. Whatever the
+    kernel does not take at once is handed to write(), behind which everything else then
+    queues. Assumes a ``tcp.Server`` buffers unsent data in ``dataBuffer`` and
+    ``_tempDataBuffer`` and nowhere else, and that ``writeSomeData`` returns the bytes the
+    socket took (or an exception for a lost connection).
+    """
+    if (isinstance(transport, _DIRECT_WRITE) and transport.connected
+            and not transport.disconnecting and not transport.dataBuffer
+            and not transport._tempDataBuffer and not transport.TLS):
+        sent = transport.writeSomeData(data)
+        if sent == len(data):
+            return
+        if isinstance(sent, int):
+            data = data[sent:]
+    transport.write(data)
+
+
+def _write(transport: Any, data: bytes) -> None:
+    transport.write(data)
+
+
+write_now = _write_now if on("write_now") else _write
+
+
+# -- take_transport --------------------------------------------------------------------------
+
+
+def take_transport(transport: Any, protocol: IProtocol) -> None:
+    """Give the connection ``transport`` (which an HTTP channel had) to ``protocol``: reads
+    go to it from now on, and it is connected to the transport.
+
+    Twisted has no public way to change the protocol of a connection (its ticket 3204); as
+    Autobahn's WebSocketResource does it, a ``tcp.Connection`` reads into its ``protocol``
+    attribute, and a TLS wrapper (``ProtocolWrapper``) into its ``wrappedProtocol``. The
+    channel was the transport's producer; unregistered, the channel and its request are not
+    kept alive by the socket for as long as the peer stays (some 4 KB a peer).
+    """
+    consumer: IConsumer = transport
+    consumer.unregisterProducer()
+    if isinstance(transport, ProtocolWrapper):
+        transport.wrappedProtocol = protocol
+    elif isinstance(getattr(transport, "protocol", None), ProtocolWrapper):
+        transport.protocol.wrappedProtocol = protocol
+    else:
+        transport.protocol = protocol
+    protocol.makeConnection(transport)
+
+
+# -- raise_on_listen_error -------------------------------------------------------------------
+
+
+def raise_on_listen_error(service: Any) -> Any:
+    """``service`` (a ``StreamServerEndpointService``) raises from ``startService`` when its
+    port cannot listen, so that twistd stops with the reason (a port in use) instead of
+    serving nothing. The ivar ``_raiseSynchronously``, documented on the class since Twisted
+    10.2, is what ``strports.service`` sets for the same purpose."""
+    service._raiseSynchronously = True
+    return service

@@ -1,0 +1,417 @@
+"""One direct test of each reach into a dependency's private internals (``peersig.upstream``).
+
+Each test is named after its reach and checks what the reach assumes, on the dependency
+itself where it can: a release that changes the assumption fails here, by name, before
+any behaviour test does. ``test_every_reach_has_its_test`` keeps the list and the tests in
+step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import socket
+from collections.abc import Iterator
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+from twisted.application.internet import StreamServerEndpointService
+from twisted.internet import tcp
+from twisted.internet.address import IPv4Address
+from twisted.internet.defer import Deferred, fail
+from twisted.internet.epollreactor import EPollReactor
+from twisted.internet.error import CannotListenError, ConnectionDone
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import Clock
+from twisted.internet.testing import MemoryReactor, StringTransport
+from twisted.logger import globalLogPublisher
+from twisted.python.failure import Failure
+
+from peersig.upstream import REACHES
+from peersig.upstream.autobahn import (
+    NONE_WHILE_OPEN,
+    UNUSED_WHILE_OPEN,
+    between_frames,
+    enter_open,
+    lighten_open,
+    options_on_class,
+    prepare_class,
+    send_close,
+)
+from peersig.upstream.twisted import (
+    LeanEPollReactor,
+    lighten,
+    raise_on_listen_error,
+    take_transport,
+)
+
+
+class Reader:
+    def __init__(self, sock: socket.socket, fail: bool = False) -> None:
+        self.sock = sock
+        self.fail = fail
+        self.read: list[bytes] = []
+        self.lost: list[object] = []
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def logPrefix(self) -> str:
+        return "Reader"
+
+    def doRead(self) -> None:
+        self.read.append(self.sock.recv(100))
+        if self.fail:
+            raise RuntimeError("boom")
+
+    def connectionLost(self, reason: object) -> None:
+        self.lost.append(reason)
+
+
+def test_lean_reactor_changes_only_a_plain_epoll_reactor() -> None:
+    reactor = EPollReactor()
+    try:
+        assert lighten(reactor)
+        assert type(reactor) is LeanEPollReactor
+        assert not lighten(reactor)
+        assert not lighten(Clock())
+    finally:
+        reactor._poller.close()
+
+
+@pytest.mark.parametrize("fail", [False, True])
+def test_lean_reactor_dispatches_and_drops_a_failing_reader(fail: bool) -> None:
+    reactor = EPollReactor()
+    lighten(reactor)
+    a, b = socket.socketpair()
+    reader = Reader(a, fail)
+    try:
+        reactor.addReader(reader)  # type: ignore[arg-type]
+        b.send(b"hello")
+        reactor.doIteration(1.0)
+        assert reader.read == [b"hello"]
+        if fail:
+            # As in Twisted's own loop: the error is logged, the descriptor dropped.
+            assert reader.lost and reader not in reactor.getReaders()
+        else:
+            assert not reader.lost and reader in reactor.getReaders()
+    finally:
+        reactor.removeAll()
+        reactor._poller.close()
+        a.close()
+        b.close()
+
+
+def test_lean_reactor_logs_an_error_from_connection_lost_and_serves_the_others() -> None:
+    class BadLoser(Reader):
+        def connectionLost(self, reason: object) -> None:
+            super().connectionLost(reason)
+            raise RuntimeError("connectionLost failed")
+
+    reactor = EPollReactor()
+    lighten(reactor)
+    errors: list[dict[str, object]] = []
+    observer = errors.append
+    globalLogPublisher.addObserver(observer)
+    pairs = [socket.socketpair() for _ in range(2)]
+    bad, good = BadLoser(pairs[0][0], fail=True), Reader(pairs[1][0])
+    try:
+        reactor.addReader(bad)  # type: ignore[arg-type]
+        reactor.addReader(good)  # type: ignore[arg-type]
+        for _, far in pairs:
+            far.send(b"x")
+        reactor.doIteration(1.0)
+        assert good.read == [b"x"] and bad.lost
+        assert any(e.get("isError") and e.get("system") == "Reader" for e in errors)
+    finally:
+        globalLogPublisher.removeObserver(observer)
+        reactor.removeAll()
+        reactor._poller.close()
+        for a, b in pairs:
+            a.close()
+            b.close()
+
+
+def test_lean_reactor(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Twisted's own doPoll: one poll bounded by the selectables, then _doReadOrWrite of
+    each ready one under callWithLogger. The lean loop does the same without the logger."""
+    from twisted.internet import epollreactor
+
+    reactor = EPollReactor()
+    calls: list[tuple[object, ...]] = []
+    monkeypatch.setattr(epollreactor.log, "callWithLogger",
+                        lambda logger, func, *args: calls.append((logger, func, *args)))
+    a, b = socket.socketpair()
+    reader = Reader(a)
+    try:
+        assert isinstance(reactor._selectables, dict)
+        reactor.addReader(reader)  # type: ignore[arg-type]
+        b.send(b"x")
+        reactor.doPoll(1.0)
+        ((logger, func, selectable, fd, event),) = calls
+        assert logger is reader and selectable is reader and fd == a.fileno()
+        assert func == reactor._doReadOrWrite and event & reactor._POLL_IN
+    finally:
+        reactor.removeAll()
+        reactor._poller.close()
+        a.close()
+        b.close()
+
+
+# -- Twisted: write_now, take_transport, tls_transport, raise_on_listen_error ----------------
+
+
+class Recorder(Protocol):
+    def __init__(self) -> None:
+        self.data: list[bytes] = []
+
+    def dataReceived(self, data: bytes) -> None:
+        self.data.append(data)
+
+
+@contextlib.contextmanager
+def tcp_server(protocol: Protocol) -> Iterator[tuple[tcp.Server, socket.socket]]:
+    """A Twisted tcp.Server on an accepted loopback socket, its reactor a MemoryReactor, and
+    the client's end."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    client = socket.create_connection(listener.getsockname())
+    accepted, address = listener.accept()
+    port = SimpleNamespace(_realPortNumber=listener.getsockname()[1])
+    server = tcp.Server(accepted, protocol, address, port, 1, MemoryReactor())  # type: ignore[arg-type]
+    protocol.makeConnection(server)
+    try:
+        yield server, client
+    finally:
+        for sock in (accepted, client, listener):
+            sock.close()
+
+
+def test_write_now() -> None:
+    """A tcp.Server holds what the socket did not take in dataBuffer and _tempDataBuffer,
+    and nowhere else; writeSomeData returns the bytes the socket took."""
+    with tcp_server(Recorder()) as (server, client):
+        assert server.dataBuffer == b"" and server._tempDataBuffer == []
+        assert server.writeSomeData(b"now") == 3
+        assert client.recv(10) == b"now"
+        server.write(b"later")  # buffered until the reactor says the socket is writable
+        assert server._tempDataBuffer or server.dataBuffer
+        server.doWrite()
+        assert not server.dataBuffer and not server._tempDataBuffer
+        assert client.recv(10) == b"later"
+        assert server.connected and not server.disconnecting and not server.TLS
+
+
+def test_take_transport() -> None:
+    """A tcp.Server reads into whatever its protocol attribute holds now."""
+    first, second = Recorder(), Recorder()
+    with tcp_server(first) as (server, client):
+        server.registerProducer(first, True)  # as an HTTP channel is
+        take_transport(server, second)
+        assert server.producer is None and second.transport is server
+        client.send(b"frames")
+        server.doRead()
+        assert second.data == [b"frames"] and first.data == []
+
+
+def test_tls_transport(monkeypatch: pytest.MonkeyPatch) -> None:
+    """tls.TLSServer overrides doRead, doWrite, writeSomeData and connectionLost of
+    tcp.Server: doWrite must still write the buffer through writeSomeData (taking an int
+    as the bytes written), and connectionLost close the socket after it."""
+    with tcp_server(Recorder()) as (server, client):
+        written: list[bytes] = []
+
+        def take(data: bytes) -> int:
+            written.append(bytes(data))
+            return len(data)
+
+        monkeypatch.setattr(server, "writeSomeData", take)
+        server.write(b"through writeSomeData")
+        server.doWrite()
+        assert b"".join(written) == b"through writeSomeData"
+        for name in ("doRead", "doWrite", "writeSomeData", "connectionLost"):
+            assert callable(getattr(tcp.Server, name))
+        assert isinstance(tcp.Server.SEND_LIMIT, int) and isinstance(server.bufferSize, int)
+        server.connectionLost(Failure(ConnectionDone()))
+        assert server.socket if hasattr(server, "socket") else True
+        client.settimeout(1)
+        assert client.recv(10) == b""  # closed
+
+
+def test_raise_on_listen_error() -> None:
+    """A StreamServerEndpointService with _raiseSynchronously raises from startService
+    when its endpoint fails to listen at once."""
+
+    class Refusing:
+        def listen(self, factory: object) -> Deferred[None]:
+            return fail(CannotListenError("127.0.0.1", 1, OSError("in use")))
+
+    service = raise_on_listen_error(StreamServerEndpointService(Refusing(), Factory()))
+    with pytest.raises(CannotListenError):
+        service.startService()
+    quiet = StreamServerEndpointService(Refusing(), Factory())
+    quiet.startService()  # without it, only logged
+    assert quiet.running
+
+
+# -- Autobahn: open_state, fast_frames, close_codes, close_frame_hook, class_options, ---------
+# lean_connection
+
+
+def masked(payload: bytes, opcode: int = 1, fin: bool = True) -> bytes:
+    mask = b"\x01\x02\x03\x04"
+    head = bytes([(0x80 if fin else 0) | opcode, 0x80 | len(payload)])
+    return head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+
+
+class PlainServer(WebSocketServerProtocol):
+    """Autobahn's own server protocol, recording its callbacks."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.events: list[tuple[object, ...]] = []
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        self.events.append(("message", payload))
+
+    def onPing(self, payload: bytes) -> None:
+        self.events.append(("ping", payload))
+        super().onPing(payload)
+
+    def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        self.events.append(("close", wasClean, code))
+
+
+class TCPLikeTransport(StringTransport):
+    """As Twisted's TCP transports: unregistering no producer is no error."""
+
+    def unregisterProducer(self) -> None:
+        self.producer = None
+
+
+def plain_server(**options: Any) -> tuple[PlainServer, StringTransport]:
+    factory = WebSocketServerFactory()
+    # peersig's options: no handshake timer of Autobahn's, UTF-8 checked by the JSON decoder
+    factory.setProtocolOptions(openHandshakeTimeout=0, closeHandshakeTimeout=0,
+                               utf8validateIncoming=False, **options)
+    factory.protocol = PlainServer
+    protocol = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 1))
+    transport = TCPLikeTransport()
+    protocol.makeConnection(transport)
+    return protocol, transport
+
+
+def test_open_state() -> None:
+    """enter_open sets attributes Autobahn has, and Autobahn then reads frames: a ping gets
+    its pong, a fragmented message arrives whole, a close is answered."""
+    protocol, transport = plain_server()
+    before = dict(vars(protocol))
+    enter_open(protocol)
+    # What enter_open sets is what succeedHandshake sets, by the same names.
+    source = inspect.getsource(WebSocketServerProtocol.succeedHandshake) + inspect.getsource(
+        WebSocketServerProtocol.processHandshake)
+    for name in set(vars(protocol)) - set(before) | {
+            n for n in before if vars(protocol)[n] is not before[n]}:
+        assert f"self.{name} = " in source, name
+    protocol.dataReceived(masked(b"hi", opcode=9))
+    assert transport.value() == b"\x8a\x02hi"
+    protocol.dataReceived(masked(b"frag", fin=False) + masked(b"ment", opcode=0))
+    assert ("message", b"fragment") in protocol.events
+    transport.clear()
+    protocol.dataReceived(masked((1000).to_bytes(2, "big"), opcode=8))
+    assert transport.value().startswith(b"\x88\x02\x03\xe8")
+
+
+def test_fast_frames() -> None:
+    """Between frames Autobahn's buffer is empty, no frame or message is under way; a frame
+    cut short or a fragment leaves one of them set."""
+    protocol, _ = plain_server()
+    enter_open(protocol)
+    assert between_frames(protocol)
+    protocol.dataReceived(masked(b"half")[:4])
+    assert not between_frames(protocol)
+    protocol.dataReceived(masked(b"half")[4:])
+    assert between_frames(protocol) and protocol.events == [("message", b"half")]
+    protocol.dataReceived(masked(b"part", fin=False))
+    assert not between_frames(protocol)
+    protocol.dataReceived(masked(b"s", opcode=0))
+    assert between_frames(protocol)
+    assert not protocol.send_queue and not protocol.triggered  # nothing of ours to wait for
+
+
+def test_close_codes() -> None:
+    """sendCloseFrame takes the codes sendClose refuses, and the closing handshake then
+    ends clean when the client answers."""
+    protocol, transport = plain_server()
+    enter_open(protocol)
+    with pytest.raises(Exception):  # noqa: B017 - sendClose's own check, whatever its type
+        protocol.sendClose(1008, "policy")
+    send_close(protocol, 1008, b"policy")
+    assert transport.value() == b"\x88\x08\x03\xf0policy"
+    protocol.dataReceived(masked((1008).to_bytes(2, "big"), opcode=8))
+    protocol.connectionLost(Failure(ConnectionDone()))
+    assert protocol.events[-1] == ("close", True, 1008)
+
+
+def test_close_frame_hook(monkeypatch: pytest.MonkeyPatch) -> None:
+    """onCloseFrame is called with each close frame, before the connection is lost."""
+    protocol, _transport = plain_server()
+    enter_open(protocol)
+    seen: list[tuple[int, bytes]] = []
+    real = protocol.onCloseFrame
+
+    def hook(code: int, reason: bytes) -> Any:
+        seen.append((code, reason))
+        return real(code, reason)
+
+    monkeypatch.setattr(protocol, "onCloseFrame", hook)
+    protocol.dataReceived(masked((1000).to_bytes(2, "big") + b"bye", opcode=8))
+    assert seen == [(1000, b"bye")] and not any(e[0] == "close" for e in protocol.events)
+
+
+def test_class_options() -> None:
+    """Options the class already has are not copied into the connection."""
+    factory = WebSocketServerFactory()
+    factory.setProtocolOptions(maxMessagePayloadSize=4321)
+    cls = options_on_class(factory, PlainServer)
+    factory.protocol = cls
+    protocol = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 1))
+    protocol.makeConnection(StringTransport())
+    assert not set(WebSocketServerProtocol.CONFIG_ATTRS) & set(vars(protocol))
+    assert protocol.maxMessagePayloadSize == 4321
+    plain = WebSocketServerFactory()
+    plain.protocol = PlainServer
+    other = plain.buildProtocol(IPv4Address("TCP", "127.0.0.1", 1))
+    other.makeConnection(StringTransport())
+    assert set(WebSocketServerProtocol.CONFIG_ATTRS) <= set(vars(other))  # what it saves
+
+
+def test_lean_connection() -> None:
+    """What lighten_open drops is None (or unused) on an open connection, and a connection
+    without it still closes as it should."""
+    protocol, _transport = plain_server()
+    enter_open(protocol)
+    attrs = vars(protocol)
+    for name in NONE_WHILE_OPEN:
+        assert name in attrs and attrs[name] is None, name
+    for name in UNUSED_WHILE_OPEN:
+        assert name in attrs, name
+    assert not protocol.is_open.called  # nothing resolves it without Autobahn's handshake
+    cls = type("Lean", (PlainServer,), {})
+    prepare_class(cls)
+    protocol.__class__ = cls
+    lighten_open(protocol)
+    assert not set(NONE_WHILE_OPEN + UNUSED_WHILE_OPEN) & set(vars(protocol))
+    protocol.dataReceived(masked(b"still", opcode=1))
+    protocol.dataReceived(masked((1000).to_bytes(2, "big"), opcode=8))
+    protocol.connectionLost(Failure(ConnectionDone()))
+    assert protocol.events == [("message", b"still"), ("close", True, 1000)]
+
+
+def test_every_reach_has_its_test() -> None:
+    tests = {name[len("test_"):] for name in globals() if name.startswith("test_")}
+    assert set(REACHES) <= tests, set(REACHES) - tests
+    assert all(REACHES[name].dependency in ("autobahn", "twisted") for name in REACHES)
