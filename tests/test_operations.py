@@ -10,6 +10,7 @@ import signal
 import socket
 import ssl
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -160,7 +161,9 @@ def test_tcp_ports_get_the_storm_backlog_unless_they_say_otherwise(description: 
 def test_systemd_units_verify(tmp_path: Path) -> None:
     analyze = shutil.which("systemd-analyze")
     assert analyze, "systemd-analyze missing: tests/install-and-run.sh installs systemd"
-    twistd = shutil.which("twistd")
+    # The twistd of the interpreter running the tests (a venv's, activated or not).
+    twistd = shutil.which("twistd", path=str(Path(sys.executable).parent)) \
+        or shutil.which("twistd")
     assert twistd
     for name in ("peersig.service", "peersig.socket"):
         text = (REPO / "contrib" / name).read_text()

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Installs what the browser suite needs, only what is missing: Debian's Chromium, Python
-# playwright (used as a driver only; it never downloads a browser), and npm peerjs@1.5.5 into
-# tests/browser/node_modules (git-ignored). Safe to run again and again.
+# Installs what the browser suite needs, only what is missing: Debian's Chromium and npm
+# peerjs@1.5.5 into tests/browser/node_modules (git-ignored). Python playwright, the driver
+# (it never downloads a browser), comes with the test extras. Safe to run again and again.
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 peerjs_version=1.5.5
@@ -19,7 +19,6 @@ command -v ip >/dev/null || apt_install iproute2
 command -v openssl >/dev/null || apt_install openssl
 command -v npm >/dev/null || apt_install nodejs npm
 
-python3 -c 'import playwright.sync_api' 2>/dev/null || python3 -m pip install --quiet playwright
 
 installed="$(node -p "require('$here/node_modules/peerjs/package.json').version" 2>/dev/null || true)"
 if [ "$installed" != "$peerjs_version" ]; then
