@@ -592,6 +592,7 @@ APPENDICES = (
     (ROOT / "docs" / "benchmarks-haproxy.md", "python bench/haproxy.py"),
     (ROOT / "docs" / "benchmarks-soak.md", "python -m bench.soak"),
     (ROOT / "docs" / "benchmarks-storm.md", "python -m bench.storm"),
+    (ROOT / "docs" / "benchmarks-reaches.md", "python -m bench.reaches"),
 )
 APPENDIX_MARK = "<!-- from docs/benchmarks-"
 
