@@ -7,8 +7,9 @@ room mode; in ``none`` mode the one namespace is the room named by the key
 (``Hub.public_name``). Times are Unix milliseconds.
 
 - ``GET /rooms``: ``{"rooms": [{"room", "peers", "created"}]}``
-- ``GET /rooms/{room}``: ``{"room", "created", "peers": [{"id", "since"[, "address"]}]}``
-  (the address only with ``--log-peers``)
+- ``GET /rooms/{room}``: ``{"room", "created", "peers": [{"id", "since", "away"[,
+  "address"]}]}`` (``away``: its socket closed, within its reconnect grace; the address only
+  with ``--log-peers``)
 - ``DELETE /rooms/{room}/peers/{id}[?reason=TEXT][&ban=SECONDS]``: ERROR ``reason``, LEAVE to
   the room, close 1008; with ``ban`` the id is refused in that room, with that ERROR, for
   that long (a ban applies even to an id not connected now).
@@ -30,6 +31,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
 from .rooms import Hub, Room
+from .session import AWAY
 
 log = Logger()
 
@@ -88,7 +90,8 @@ class AdminRoot(Resource):
             raise AdminError(405, "Method not allowed")
         hub = self.hub
         if len(parts) == 1:
-            return {"rooms": [{"room": hub.public_name(room), "peers": len(room.peers),
+            return {"rooms": [{"room": hub.public_name(room),
+                               "peers": len(room.peers) + len(room.away),
                                "created": _ms(room.created)} for room in hub.rooms.values()]}
         name = parts[1]
         if hub.room_key(name) is None:  # none mode: only the key names the room
@@ -109,8 +112,9 @@ class AdminRoot(Resource):
     def _describe(self, room: Room) -> Any:
         show_address = self.hub.config.log_peers
         peers = []
-        for session in room.peers.values():
-            peer = {"id": session.id, "since": _ms(session.connected_at)}
+        for session in [*room.peers.values(), *room.away.values()]:
+            peer = {"id": session.id, "since": _ms(session.connected_at),
+                    "away": session.state == AWAY}
             if show_address:
                 peer["address"] = session.address
             peers.append(peer)
@@ -120,7 +124,8 @@ class AdminRoot(Resource):
         hub = self.hub
         reason = self._reason(request)
         ban = self._ban_seconds(request)
-        session = room.peers.get(peer_id) if room is not None else None
+        session = (room.peers.get(peer_id) or room.away.get(peer_id)) if room is not None \
+            else None
         if session is None and ban is None:
             raise AdminError(404, "No such peer in that room")
         answer: dict[str, Any] = {"removed": session is not None}

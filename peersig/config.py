@@ -37,6 +37,8 @@ class Config:
     bad_frame_limit: int = 10  # more bad frames than this within bad_frame_window: cut
     bad_frame_window: float = 10.0
     takeover_probe: float = 1.0
+    # Seconds a member whose socket closed keeps its place for a reconnect (Hub.socket_closed).
+    reconnect_grace: float = 10.0
     # --auth jwt (jwtauth.py): where keys come from (a KeyFile or a JWKS), and the aud and
     # iss claims required when set.
     jwt_keys: Any = None

@@ -256,6 +256,12 @@ def join_frame(src: str) -> bytes:
     return f'{{"type":"JOIN","src":"{src}"}}'.encode()
 
 
+def part_frame(src: str) -> bytes:
+    """``--room-events``: ``src`` (a valid id) is no longer a member of the room. It comes
+    with every end of membership, LEAVE or not (docs/protocol.md, Departures)."""
+    return f'{{"type":"PART","src":"{src}"}}'.encode()
+
+
 def peers_frame(ids: list[str]) -> bytes:
     """``--room-events``: the other peers in the room, to one that just got OPEN."""
     return _encode({"type": "PEERS", "payload": {"peers": ids}}).encode()

@@ -30,6 +30,9 @@ class HubCollector:
         stats = hub.stats
         yield GaugeMetricFamily("peersig_peers", "Connected (registered) peers.",
                                 value=len(hub.sessions))
+        yield GaugeMetricFamily("peersig_peers_away",
+                                "Members whose socket closed, within their reconnect grace.",
+                                value=len(hub.away))
         yield GaugeMetricFamily("peersig_rooms", "Rooms with at least one peer.",
                                 value=len(hub.rooms))
         occupancy = Counter(len(room.peers) for room in hub.rooms.values())

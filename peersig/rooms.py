@@ -39,13 +39,14 @@ from .messages import (
     expire_frame,
     join_frame,
     leave_frame,
+    part_frame,
     peers_frame,
     relay_frame,
     room_full_text,
     valid_id,
     valid_room,
 )
-from .session import CLOSED, MAX_CONTACTS, OPEN, PeerTransport, Session
+from .session import AWAY, CLOSED, DETACHED, MAX_CONTACTS, OPEN, PeerTransport, Session
 from .stats import Stats
 
 log = Logger()
@@ -117,16 +118,23 @@ class Probe:
 
 
 class Room:
-    __slots__ = ("created", "name", "peers", "queued", "queues", "tag")
+    __slots__ = ("away", "created", "name", "peers", "queued", "queues", "tag")
 
     def __init__(self, name: str, created: float = 0.0) -> None:
         self.name = name
         self.created = created
         # Logs name a room by this digest: in token mode the room name is the token.
         self.tag = hashlib.sha256(name.encode()).hexdigest()[:12]
+        # The members: connected ones, and those whose socket closed within their grace
+        # (``Hub.socket_closed``), who keep their id and seat but are reached only by queue.
         self.peers: dict[str, Session] = {}
+        self.away: dict[str, Session] = {}
         self.queues: dict[str, OfflineQueue] = {}
         self.queued = 0  # messages in all queues of this room
+
+    def members(self) -> list[str]:
+        """Every member's id: the connected ones in the order they joined, then the away."""
+        return [*self.peers, *self.away]
 
 
 class EventSink(Protocol):
@@ -166,6 +174,8 @@ class Hub:
         self.events: EventSink | None = None
         # Ids an operator removed with a ban: (room name, id) -> (until, the ERROR text).
         self.bans: dict[tuple[str, str], tuple[float, str]] = {}
+        # Members whose socket closed, within their grace: session -> (its end, the reason).
+        self.away: dict[Session, tuple[float, str]] = {}
         # LEAVE on departure goes to the whole room, except in ``none`` mode, where the
         # "room" is everyone and only the peers one talked to are told.
         self._track_contacts = config.room_by == "none"
@@ -234,6 +244,15 @@ class Hub:
         name, verdict = admitted
         room = self.rooms.get(name)
         holder = room.peers.get(req.id) if room is not None else None
+        if room is not None and room.away and req.id in room.away:
+            away = room.away[req.id]
+            if not (verdict.takeover or cfg.room_by == "token" or away.token == req.token):
+                self._refuse(transport, req, (name, req.id))  # its token keeps the id
+                return None
+            if self._address_full(req.address):
+                self._reject(transport, req, "address_full", E_ADDRESS_FULL)
+                return None
+            return self._resume(away, transport, req, now)
         if holder is not None:
             assert room is not None
             cause = "authorizer" if verdict.takeover else self._may_take_over(holder, req, now)
@@ -244,7 +263,7 @@ class Hub:
                 self._reject(transport, req, "address_full", E_ADDRESS_FULL)
                 return None
             return self._take_over(holder, transport, req, now, cause)
-        if len(self.sessions) >= cfg.max_peers:
+        if len(self.sessions) + len(self.away) >= cfg.max_peers:
             self._reject(transport, req, "server_full", E_SERVER_FULL)
             return None
         if self._address_full(req.address):
@@ -254,7 +273,7 @@ class Hub:
             cfg.room_by != "none"
             and cfg.room_size
             and room is not None
-            and len(room.peers) >= cfg.room_size
+            and len(room.peers) + len(room.away) >= cfg.room_size
         ):
             silent = [s for s in room.peers.values() if now - s.last_seen > HEARTBEAT_INTERVAL]
             self._contend(transport, req, (name, ""), silent, now)
@@ -315,6 +334,17 @@ class Hub:
         self.stats.takeovers[cause] += 1
         self._register(session, "takeover")
         self._settle(holder)
+        return session
+
+    def _resume(self, away: Session, transport: PeerTransport, req: JoinRequest,
+                now: float) -> Session:
+        """A member back within its grace takes its place again, unseen by its room: no
+        LEAVE went out, no JOIN goes out; what was queued for it is delivered after OPEN."""
+        del self.away[away]
+        del away.room.away[away.id]
+        session = Session(self, transport, away.room, req.id, req.token, req.address, now)
+        session.contacts = away.contacts
+        self._register(session, "resumed")
         return session
 
     # -- contention: is the holder of a place still there? ---------------------------------
@@ -481,7 +511,8 @@ class Hub:
         they joined), and they get JOIN, unless it took its own id over (a reconnect:
         nobody was told it left)."""
         peers = session.room.peers
-        session.transport.send_frame(peers_frame([i for i in peers if i != session.id]))
+        others = [i for i in session.room.members() if i != session.id]
+        session.transport.send_frame(peers_frame(others))
         if outcome == "opened":
             frame = join_frame(session.id)
             for other in peers.values():
@@ -629,15 +660,65 @@ class Hub:
         else:
             del self.per_address[session.address]
 
-    def depart(self, session: Session, reason: str, notify: bool = True) -> None:
-        """The peer is gone (closed, timed out or cut off): tell its room once."""
-        if session.state == CLOSED:
+    def socket_closed(self, session: Session, code: int | None, clean: bool) -> None:
+        """The peer's socket closed: ``clean`` with a close frame carrying ``code`` (None
+        for none), else without one. Issue 22 and docs/protocol.md, Departures:
+
+        - close 1001 (a browser closes a page's sockets so: closed, reloaded, navigated
+          away): the page is gone, and its room gets LEAVE at once;
+        - no close frame after ``keepalive`` - 1 s of silence (the kernel's keepalive gave
+          up: the network vanished): LEAVE at once;
+        - anything else (``peer.disconnect()`` and ``peer.destroy()`` close without a code;
+          a proxy or a network blip cuts the socket while the peer talks): the peer may
+          come back, and keeps its place for ``reconnect_grace`` (``go_away``). No LEAVE,
+          then or after: the stock client keeps its peer-to-peer connections when it leaves
+          the server, and LEAVE would make its room-mates close theirs.
+        """
+        if session.state != OPEN:
             return
-        self._forget(session)
-        self.stats.disconnections[reason] += 1
+        keepalive = self.config.keepalive
+        if clean and code == CLOSE_GOING_AWAY:
+            self.depart(session, "closed")
+        elif not clean and keepalive and \
+                self.clock.seconds() - session.last_seen >= keepalive - 1:
+            self.depart(session, "vanished")
+        else:
+            self.go_away(session, "left" if clean else "lost")
+
+    def go_away(self, session: Session, reason: str) -> None:
+        """``session``'s socket is gone but its place is kept for ``reconnect_grace``: its
+        id and seat are its own, messages for it are queued (and EXPIRE as usual), and a
+        join with its id and token takes it back (``_resume``). When the grace ends the
+        membership ends, without LEAVE (``sweep``)."""
         room = session.room
+        self._forget(session)
+        session.state = AWAY
+        session.transport = DETACHED
         if room.peers.get(session.id) is session:
             del room.peers[session.id]
+        room.away[session.id] = session
+        self.away[session] = (self.clock.seconds() + self.config.reconnect_grace, reason)
+        log.info("peer away from room {room}: {reason}", event="away", reason=reason,
+                 room=room.tag, **self._who(session.id, session.address))
+        self._settle(session)
+        if not self.config.reconnect_grace:
+            self.depart(session, reason, notify=False)
+
+    def depart(self, session: Session, reason: str, notify: bool = True) -> None:
+        """The peer's membership ends (closed, timed out, cut off, or its grace is over):
+        tell its room once, LEAVE unless ``notify`` is false."""
+        if session.state == CLOSED:
+            return
+        room = session.room
+        if session.state == AWAY:
+            session.state = CLOSED
+            del self.away[session]
+            del room.away[session.id]
+        else:
+            self._forget(session)
+            if room.peers.get(session.id) is session:
+                del room.peers[session.id]
+        self.stats.disconnections[reason] += 1
         log.info("peer left room {room}: {reason}", event="disconnect", reason=reason,
                  room=room.tag, duration=round(self.clock.seconds() - session.connected_at, 3),
                  **self._who(session.id, session.address))
@@ -645,10 +726,14 @@ class Hub:
             frame = leave_frame(session.id)
             for other in self._told_of_departure(session):
                 other.transport.send_frame(frame)
+        if self.config.room_events:
+            frame = part_frame(session.id)
+            for other in room.peers.values():
+                other.transport.send_frame(frame)
         events = self.events
         if events is not None:
             events.event("peer_left", self.public_name(room), session.id, reason)
-        if not room.peers:
+        if not room.peers and not room.away:
             # Nobody left to deliver to or to tell: forget the room and its queues.
             del self.rooms[room.name]
             for queue in room.queues.values():
@@ -703,7 +788,7 @@ class Hub:
 
     def close_room(self, room: Room, reason: str) -> int:
         """Remove every peer of ``room`` (nobody is left to hear a LEAVE); how many."""
-        peers = list(room.peers.values())
+        peers = [*room.peers.values(), *room.away.values()]
         for session in peers:
             self.remove(session, reason, notify=False)
         return len(peers)
@@ -729,6 +814,10 @@ class Hub:
             except Exception:
                 self.stats.sweep_errors += 1
                 log.failure("sweep failed for one peer")
+        if self.away:
+            for session, (until, reason) in list(self.away.items()):
+                if until <= now:
+                    self.depart(session, reason, notify=False)  # the grace is over
         if self.bans:
             for key in [k for k, (until, _reason) in self.bans.items() if until <= now]:
                 del self.bans[key]
@@ -745,7 +834,7 @@ class Hub:
         for probe in list(self.probes.values()):
             for transport, _req in self._end(probe):
                 transport.close_with(code, reason)
-        for session in list(self.sessions):
+        for session in [*self.sessions, *self.away]:
             self.depart(session, "shutdown", notify=False)
             session.transport.close_with(code, reason)
 
@@ -762,12 +851,12 @@ class Hub:
         room = self._http_room(key, "")
         while True:
             candidate = str(uuid.uuid4())
-            if room is None or candidate not in room.peers:
+            if room is None or (candidate not in room.peers and candidate not in room.away):
                 return candidate
 
     def list_peers(self, key: str, token: str) -> list[str]:
         room = self._http_room(key, token)
-        return [] if room is None else list(room.peers)
+        return [] if room is None else room.members()
 
 
 def _remember(session: Session, other_id: str) -> None:

@@ -36,6 +36,31 @@ class PeerTransport(Protocol):
 
 OPEN = 1
 CLOSED = 2
+# Its socket closed, but it may come back: it keeps its id and seat for the reconnect grace
+# (``Hub.socket_closed``), with no transport.
+AWAY = 3
+
+
+class Detached:
+    """The transport of a peer whose socket is gone: what the core sends it goes nowhere."""
+
+    def send_frame(self, frame: bytes) -> None:
+        pass
+
+    def attach(self, session: Session) -> None:
+        pass
+
+    def send_ping(self) -> None:
+        pass
+
+    def close_with(self, code: int, reason: str) -> None:
+        pass
+
+    def abort_connection(self) -> None:
+        pass
+
+
+DETACHED = Detached()
 
 # Peers a session remembers having talked to, for LEAVE in ``none`` mode.
 MAX_CONTACTS = 64

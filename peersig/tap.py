@@ -100,6 +100,11 @@ class Options(usage.Options):
         ["drain-timeout", None, 5.0,
          "Seconds a stopping server waits for peers to close before it exits.",
          _positive_float],
+        ["reconnect-grace", None, 10.0,
+         "Seconds a peer whose socket closed without leaving for good (peer.disconnect(), a "
+         "cut connection) keeps its id and seat; a reconnect within them is silent (no LEAVE, "
+         "no JOIN) and gets what was queued; 0 = none.",
+         _non_negative_float],
         ["takeover-probe", None, 1.0,
          "Seconds the holder of a place a newcomer wants (its id, a seat in a full room) "
          "has to answer a ping before it is presumed dead and replaced; 0 = no probe.",
@@ -320,6 +325,7 @@ class Options(usage.Options):
             drain_timeout=self["drain-timeout"],
             handshake_timeout=self["handshake-timeout"],
             takeover_probe=self["takeover-probe"],
+            reconnect_grace=self["reconnect-grace"],
             ice_servers=tuple(self["ice-server"]),
             turn_secret=turn_secret,
             turn_ttl=self["turn-ttl"],

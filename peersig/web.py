@@ -233,6 +233,31 @@ def _json(request: Request, value: object) -> bytes:
 MAX_REQUEST_LINE = 8192
 
 
+class Deadline:
+    """A handshake's deadline, which can change hands: when it passes it calls whatever
+    ``action`` then is (the HTTP channel's, or that of the protocol the connection went to),
+    so that a cancelled timer, which the reactor may keep a while, holds neither."""
+
+    __slots__ = ("action", "call")
+
+    def __init__(self, call_later: Any, seconds: float, action: Any) -> None:
+        self.action = action
+        self.call: IDelayedCall = call_later(seconds, self._passed)
+
+    def _passed(self) -> None:
+        action, self.action = self.action, None
+        if action is not None:
+            action()
+
+    def active(self) -> bool:
+        return self.call.active()
+
+    def cancel(self) -> None:
+        self.action = None
+        if self.call.active():
+            self.call.cancel()
+
+
 class GuardedChannel(HTTPChannel):
     """An HTTP connection that must deliver a whole request head within the site's
     ``timeOut``: idle timeouts alone let a client trickle one byte at a time forever.
@@ -244,12 +269,10 @@ class GuardedChannel(HTTPChannel):
     """
 
     site: QuietSite
-    _deadline: IDelayedCall | None = None
+    _deadline: Deadline | None = None
     _got_head = False
     _sniffing = True
     _start = b""
-    # The protocol the connection went to, until its handshake ends or the deadline passes.
-    _upgraded: PeerProtocol | None = None
 
     def connectionMade(self) -> None:
         # Until the connection shows it is plain HTTP the deadline bounds it, and an
@@ -257,7 +280,7 @@ class GuardedChannel(HTTPChannel):
         timeout, self.timeOut = self.timeOut, None
         super().connectionMade()
         self.timeOut = timeout
-        self._deadline = self.callLater(timeout, self._deadline_passed)
+        self._deadline = Deadline(self.callLater, timeout or 0, self._deadline_passed)
 
     def dataReceived(self, data: bytes) -> None:
         if self._sniffing:
@@ -285,7 +308,7 @@ class GuardedChannel(HTTPChannel):
         # The handshake deadline goes with the connection, to the second: the same timer,
         # which now ends the protocol's handshake (and which it cancels once open).
         if self._deadline is not None and self._deadline.active():
-            self._upgraded = protocol
+            self._deadline.action = protocol.handshake_expired
             protocol.handshake_deadline = self._deadline
         self._deadline = None
         self.transport = None
@@ -296,22 +319,18 @@ class GuardedChannel(HTTPChannel):
         self._got_head = True
         # Cancel now: after a WebSocket upgrade this channel never sees connectionLost,
         # and a pending call would keep it (and its request) alive until the deadline.
-        if self._deadline is not None and self._deadline.active():
+        if self._deadline is not None:
             self._deadline.cancel()
         self._deadline = None
         super().allHeadersReceived()
 
     def _deadline_passed(self) -> None:
         self._deadline = None
-        upgraded, self._upgraded = self._upgraded, None
-        if upgraded is not None:
-            upgraded.handshake_expired()
-        # After a WebSocket upgrade the transport belongs to the protocol (ours is None).
-        elif not self._got_head and self.transport is not None:
+        if not self._got_head and self.transport is not None:
             self.transport.abortConnection()  # type: ignore[attr-defined]
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
-        if self._deadline is not None and self._deadline.active():
+        if self._deadline is not None:
             self._deadline.cancel()
         self._deadline = None
         super().connectionLost(reason)

@@ -13,7 +13,6 @@ from time import perf_counter
 from typing import Any
 
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
-from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -121,8 +120,9 @@ class PeerProtocol(WebSocketServerProtocol):
     hub: Hub
     factory: PeerFactory
     session: Session | None = None
-    # Set by the HTTP channel that handed this connection over (web.GuardedChannel).
-    handshake_deadline: IDelayedCall | None = None
+    # Set by the HTTP channel that handed this connection over (web.GuardedChannel): a
+    # web.Deadline.
+    handshake_deadline: Any = None
     # The request head read so far, until it is whole; then the 101 of the handshake,
     # until the first frame takes it along (one send where there were two).
     _head = b""
@@ -287,7 +287,7 @@ class PeerProtocol(WebSocketServerProtocol):
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
         session = self.session
         if session is not None:
-            self.hub.depart(session, "closed" if wasClean else "lost")
+            self.hub.socket_closed(session, code, wasClean)
         elif self.hub.waiting:
             self.hub.withdraw(self)  # gave up while its join waited on a probe
 
@@ -347,9 +347,9 @@ class PeerProtocol(WebSocketServerProtocol):
         self.transport.abortConnection()  # type: ignore[attr-defined]
 
     def _stop_handshake_deadline(self) -> None:
-        call = self.__dict__.pop("handshake_deadline", None)
-        if call is not None and call.active():
-            call.cancel()
+        deadline = self.__dict__.pop("handshake_deadline", None)
+        if deadline is not None:
+            deadline.cancel()
 
 
 class _AutobahnSends(PeerProtocol):

@@ -182,7 +182,7 @@ def test_metrics_follow_a_session(server: ServerProcess) -> None:
 
     before = sample("peersig_messages_total", type="CANDIDATE")
     drops = sample("peersig_drops_total", reason="bad_json")
-    closed = sample("peersig_disconnections_total", reason="closed")
+    away = sample("peersig_peers_away")
     peers = sample("peersig_peers")
     with connect(server.ws_url("m1", token="metrics")) as a, \
             connect(server.ws_url("m2", token="metrics")) as b:
@@ -202,8 +202,31 @@ def test_metrics_follow_a_session(server: ServerProcess) -> None:
     while sample("peersig_peers") != peers and time.monotonic() < deadline:
         time.sleep(0.05)
     assert sample("peersig_peers") == peers
-    assert sample("peersig_disconnections_total", reason="closed") == closed + 2
+    # Closed with 1000, not a page's 1001: each keeps its place for the reconnect grace.
+    assert sample("peersig_peers_away") == away + 2
     assert sample("peersig_sweep_seconds_count") > 0
+
+
+@pytest.mark.parametrize(("code", "leave"), [(1001, True), (1000, False), (None, False)])
+def test_a_close_tells_the_room_only_when_the_page_is_gone(
+        server: ServerProcess, code: int | None, leave: bool) -> None:
+    room = f"departure{code}"
+    with connect(server.ws_url("stay", token=room)) as stay:
+        recv_json(stay)
+        going = connect(server.ws_url("go", token=room))
+        recv_json(going)
+        if code is None:
+            going.socket.shutdown(socket.SHUT_RDWR)  # no close frame, while talking
+            going.socket.close()
+        else:
+            going.close(code)
+        if leave:
+            assert recv_json(stay) == {"type": "LEAVE", "src": "go"}
+        else:
+            with pytest.raises(TimeoutError):
+                recv_json(stay, timeout=1)
+            with connect(server.ws_url("go", token=room)) as back:  # within the grace
+                assert recv_json(back) == {"type": "OPEN"}
 
 
 def test_metrics_json_shape(server: ServerProcess) -> None:

@@ -100,6 +100,7 @@ class _PageHandler(BaseHTTPRequestHandler):
         "/": (HERE / "page" / "index.html", "text/html; charset=utf-8"),
         "/harness.js": (HERE / "page" / "harness.js", "text/javascript"),
         "/peerjs.min.js": (BUNDLE, "text/javascript"),
+        "/serializer.msgpack.mjs": (BUNDLE.parent / "serializer.msgpack.mjs", "text/javascript"),
     }
 
     def do_GET(self) -> None:
@@ -195,13 +196,15 @@ class PeerTab:
         self.id: str | None = None
         self.console: list[str] = []
         self.sockets: list[str] = []  # WebSocket URLs the page opened
+        self.signal_ports: set[int] = set()  # local ports of its signaling socket, if known
         page.on("console", lambda m: self.console.append(f"{m.type}: {m.text}"))
         page.on("pageerror", lambda e: self.console.append(f"pageerror: {e}"))
         self.responses: list[tuple[str, int]] = []  # (URL path, status) of HTTP responses
         page.on("websocket", lambda ws: self.sockets.append(ws.url))
         page.on("response", lambda r: self.responses.append((urlsplit(r.url).path, r.status)))
         page.goto(url)
-        page.wait_for_function("window.T !== undefined && window.Peer !== undefined")
+        page.wait_for_function("window.T !== undefined && window.Peer !== undefined"
+                               " && window.MsgPack !== undefined")
 
     def _t(self, method: str, *args: Any) -> Any:
         return self.page.evaluate("([m, a]) => T[m](...a)", [method, list(args)])
@@ -246,8 +249,8 @@ class PeerTab:
         state: dict[str, Any] = self._t("state")
         return state
 
-    def connect(self, remote: str) -> None:
-        self._t("connect", remote)
+    def connect(self, remote: str, serialization: str | None = None) -> None:
+        self._t("connect", remote, serialization)
 
     def wait_conn_open(self, remote: str, ms: int = WAIT_MS) -> None:
         self._t("waitConnOpen", remote, ms)
@@ -296,6 +299,40 @@ class PeerTab:
     def destroy(self) -> int:
         """Destroys the Peer; returns the epoch ms just before."""
         return int(self._t("destroy"))
+
+    def disconnect(self) -> int:
+        """The stock ``peer.disconnect()``; the epoch ms just before."""
+        return int(self._t("disconnect"))
+
+    def reconnect_only(self) -> int:
+        """The stock ``peer.reconnect()`` of a disconnected Peer; the epoch ms just before."""
+        return int(self._t("reconnectOnly"))
+
+    def send_set(self, remote: str, name: str) -> int:
+        """Sends the values of a set of harness.js's SETS; how many."""
+        return int(self._t("sendSet", remote, name))
+
+    def check_set(self, remote: str, name: str, serialization: str) -> list[str]:
+        """Mismatches between what arrived of a set and what the serialization gives back."""
+        problems: list[str] = self._t("checkSet", remote, name, serialization)
+        return problems
+
+    def media_counters(self, remote: str) -> dict[str, Any]:
+        counters: dict[str, Any] = self._t("mediaCounters", remote)
+        return counters
+
+    def wait_call_closed(self, remote: str, ms: int = WAIT_MS) -> int:
+        return int(self._t("waitCallClosed", remote, ms))
+
+    def close_call(self, remote: str) -> None:
+        self._t("closeCall", remote)
+
+    def connect_while_disconnected(self, remote: str) -> None:
+        self._t("connectWhileDisconnected", remote)
+
+    def try_id(self, endpoint: Endpoint, token: str, peer_id: str) -> str:
+        """A second Peer on this page asks for ``peer_id``: "open", or its error type."""
+        return str(self._t("tryId", peer_id, {**endpoint.peer_options(), "token": token}))
 
     def save_artifacts(self, folder: Path) -> None:
         log = [*self.console, "", f"websockets: {self.sockets}", f"http: {self.responses}"]

@@ -8,6 +8,11 @@
   const calls = []; // MediaConnections in both directions
   let peer = null;
   let localStream = null;
+  // PeerJS's MsgPack serializer, an ES module of the npm bundle: a page opened from a file
+  // cannot import modules, and has none (null).
+  window.MsgPack = undefined;
+  import("./serializer.msgpack.mjs").then((m) => (window.MsgPack = m.MsgPack),
+    () => (window.MsgPack = null));
 
   const record = (kind, detail = {}) => {
     const entry = { t: Date.now(), kind, ...detail };
@@ -88,10 +93,60 @@
     }
   };
 
+  // The value sets of PeerJS's own e2e serialization scenarios (written here afresh), and
+  // what each serialization gives back for a value (from what PeerJS 1.5.5 does).
+  const bytes = (n, seed) => Uint8Array.from({ length: n }, (_, i) => (i * 7 + seed) & 255);
+  const same = (v) => v;
+  const asBuffer = (v) => (v instanceof ArrayBuffer ? v
+    : v.buffer.slice(v.byteOffset, v.byteOffset + v.byteLength));
+  const SETS = {
+    numbers: { values: () => [0, 1, -1, 0.5, -3.25, 2 ** 31, -(2 ** 53 - 1), Number.MAX_VALUE],
+      as: { binary: same, json: same, MsgPack: same } },
+    strings: { values: () => ["", "hi", "ünïcødé €", "😀 🎲 ♟", "line\nbreak", "x".repeat(1000)],
+      as: { binary: same, json: same, MsgPack: same } },
+    long_string: { values: () => ["peersig ".repeat(40000)],  // 320 KB: chunked
+      as: { binary: same, MsgPack: same } },
+    objects: { values: () => [{}, { a: 1, b: "two", c: [3, { d: null }], e: true }],
+      as: { binary: same, json: same, MsgPack: same } },
+    arrays: { values: () => [[], [1, "two", { three: 3 }, [4]], Array.from({ length: 50 }, (_, i) => i)],
+      as: { binary: same, json: same, MsgPack: same } },
+    dates: { values: () => [new Date(0), new Date(Date.UTC(2026, 11, 6, 12, 30))],
+      as: { binary: (d) => d.toString(), json: (d) => d.toJSON(), MsgPack: same } },
+    array_buffers: { values: () => [bytes(16, 1).buffer, bytes(5000, 3).buffer],
+      as: { binary: same } },
+    uint8_arrays: { values: () => [bytes(10, 5), bytes(3000, 9)],
+      as: { binary: asBuffer, MsgPack: same } },
+    int32_arrays: { values: () => [Int32Array.from([1, -2, 3, 2 ** 30])],
+      as: { binary: asBuffer, MsgPack: (v) => new Uint8Array(asBuffer(v)) } },
+    blobs: { values: () => [new Blob([JSON.stringify({ commit: "abc", n: 1 })])],
+      as: { binary: () => new TextEncoder().encode(JSON.stringify({ commit: "abc", n: 1 })).buffer } },
+  };
+
+  const describe = (v) => {
+    if (v instanceof ArrayBuffer) return `ArrayBuffer(${v.byteLength})`;
+    if (ArrayBuffer.isView(v)) return `${v.constructor.name}(${v.length})`;
+    if (v instanceof Date) return `Date(${v.toISOString()})`;
+    const text = JSON.stringify(v);
+    return text && text.length > 80 ? `${text.slice(0, 80)}...` : String(text);
+  };
+
+  const sameValue = (a, b) => {
+    if (b instanceof ArrayBuffer) {
+      return a instanceof ArrayBuffer && a.byteLength === b.byteLength &&
+        new Uint8Array(a).every((x, i) => x === new Uint8Array(b)[i]);
+    }
+    if (ArrayBuffer.isView(b)) {
+      return a?.constructor === b.constructor && a.length === b.length && a.every((x, i) => x === b[i]);
+    }
+    if (b instanceof Date) return a instanceof Date && a.getTime() === b.getTime();
+    return JSON.stringify(a) === JSON.stringify(b) && typeof a === typeof b;
+  };
+
   window.T = {
     start({ id, host, port, secure, path, key, token, config }) {
       config ??= { iceServers: [] };
-      const options = { host, port, secure, path, key, token, config, debug: 1 };
+      const serializers = window.MsgPack ? { MsgPack: window.MsgPack } : {};
+      const options = { host, port, secure, path, key, token, config, serializers, debug: 1 };
       peer = id ? new Peer(id, options) : new Peer(options);
       // Observe (not alter) what the signaling server sends this peer.
       peer.socket.on("message", (m) => record("signal", {
@@ -155,8 +210,82 @@
 
     events: () => events,
 
-    connect(remote) {
-      watchConn(peer.connect(remote, { reliable: true }), "out");
+    connect(remote, serialization) {
+      watchConn(peer.connect(remote, { reliable: true, ...(serialization ? { serialization } : {}) }),
+        "out");
+    },
+
+    // PeerJS's own e2e scenarios, data channel serialization: the values of `set` sent over
+    // the newest connection with remote, as that serialization carries them.
+    async sendSet(remote, set) {
+      for (const value of SETS[set].values()) await conns.get(remote).send(value);
+      return SETS[set].values().length;
+    },
+
+    // What arrived of `set` from remote, checked against what the serialization gives back:
+    // a list of mismatches (empty when all arrived as they should).
+    checkSet(remote, set, serialization) {
+      const expected = SETS[set].values().map((v) => SETS[set].as[serialization](v));
+      const got = inbox.get(remote) ?? [];
+      const problems = [];
+      if (got.length !== expected.length) problems.push(`got ${got.length} of ${expected.length}`);
+      expected.forEach((want, i) => {
+        if (i < got.length && !sameValue(got[i], want))
+          problems.push(`#${i}: got ${describe(got[i])}, want ${describe(want)}`);
+      });
+      return problems;
+    },
+
+    // The stock client's way off the server that keeps its connections.
+    disconnect() {
+      record("disconnect-call");
+      const t = Date.now();
+      peer.disconnect();
+      return t;
+    },
+
+    reconnectOnly() {
+      record("reconnect-call");
+      const t = Date.now();
+      peer.reconnect();
+      return t;
+    },
+
+    // Frames decoded and audio bytes received so far on the call with remote.
+    async mediaCounters(remote) {
+      const call = calls.find((c) => c.peer === remote && c.open !== false);
+      const counters = { videoFrames: 0, audioBytes: 0, open: Boolean(call && call.open) };
+      if (!call) return counters;
+      (await call.peerConnection.getStats()).forEach((s) => {
+        if (s.type !== "inbound-rtp") return;
+        if (s.kind === "audio") counters.audioBytes += s.bytesReceived ?? 0;
+        if (s.kind === "video") counters.videoFrames += s.framesDecoded ?? 0;
+      });
+      return counters;
+    },
+
+    // Date.now() at which the call with remote closed.
+    waitCallClosed: (remote, ms) => waitFor(`the call with ${remote} to close`, ms,
+      () => events.find((e) => e.kind === "call-close" && e.peer === remote)).then((e) => e.t),
+
+    closeCall(remote) {
+      calls.find((c) => c.peer === remote).close();
+    },
+
+    // PeerJS's own e2e "disconnected": connect() after disconnect() gives the error
+    // "disconnected" (and the peer stays disconnected, not destroyed).
+    connectWhileDisconnected(remote) {
+      peer.connect(remote);
+    },
+
+    // A second Peer on this page asking for `id` (PeerJS's e2e "id-taken"): resolves with
+    // the error type it got, or "open" if it got the id.
+    tryId(id, options) {
+      return new Promise((resolve) => {
+        const other = new Peer(id, { ...options, config: { iceServers: [] }, debug: 0 });
+        other.once("open", () => resolve("open"));
+        other.once("error", (err) => { resolve(err.type); other.destroy(); });
+      });
     },
 
     waitConnOpen: (remote, ms) =>
@@ -181,6 +310,12 @@
     },
 
     received: () => Object.fromEntries(inbox),
+
+    clearInbox: () => inbox.clear(),
+
+    closeConn(remote) {
+      conns.get(remote).close();
+    },
 
     connectionPeers: () => [...conns.keys()],
 
