@@ -236,26 +236,27 @@ MAX_REQUEST_LINE = 8192
 class Deadline:
     """A handshake's deadline, which can change hands: when it passes it calls whatever
     ``action`` then is (the HTTP channel's, or that of the protocol the connection went to),
-    so that a cancelled timer, which the reactor may keep a while, holds neither."""
+    so that a cancelled timer, which the reactor may keep a while, holds neither. Neither
+    does it hold its timer once over, so no reference cycle waits for the collector."""
 
     __slots__ = ("action", "call")
 
     def __init__(self, call_later: Any, seconds: float, action: Any) -> None:
         self.action = action
-        self.call: IDelayedCall = call_later(seconds, self._passed)
+        self.call: IDelayedCall | None = call_later(seconds, self._passed)
 
     def _passed(self) -> None:
-        action, self.action = self.action, None
+        action, self.action, self.call = self.action, None, None
         if action is not None:
             action()
 
     def active(self) -> bool:
-        return self.call.active()
+        return self.call is not None and self.call.active()
 
     def cancel(self) -> None:
-        self.action = None
-        if self.call.active():
-            self.call.cancel()
+        call, self.action, self.call = self.call, None, None
+        if call is not None and call.active():
+            call.cancel()
 
 
 class GuardedChannel(HTTPChannel):
