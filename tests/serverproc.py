@@ -141,6 +141,24 @@ class ServerProcess:
         except urllib.error.HTTPError as e:
             return e.code, dict(e.headers), e.read()
 
+    def metric(self, name: str, **labels: str) -> float:
+        """One sample of ``/metrics`` (0 when absent)."""
+        from prometheus_client.parser import text_string_to_metric_families
+
+        for family in text_string_to_metric_families(self.get("/metrics")[2].decode()):
+            for sample in family.samples:
+                if sample.name == name and all(sample.labels.get(k) == v
+                                               for k, v in labels.items()):
+                    return float(sample.value)
+        return 0.0
+
+    def wait_metric(self, name: str, value: float, timeout: float = 5) -> None:
+        """Wait until ``/metrics`` shows ``name`` at ``value``."""
+        deadline = time.monotonic() + timeout
+        while (now := self.metric(name)) != value:
+            assert time.monotonic() < deadline, f"{name} is {now}, not {value}"
+            time.sleep(0.05)
+
     def get_json(self, path: str) -> Any:
         with urllib.request.urlopen(self.http + path, timeout=1) as response:
             return json.load(response)

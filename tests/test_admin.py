@@ -406,7 +406,7 @@ def test_rooms_peers_kick_ban_and_close(admin_server: tuple[ServerProcess, str])
         status, room = admin(base, "GET", "/rooms/lobby")
         assert status == 200 and room["room"] == "lobby"
         assert sorted(p["id"] for p in room["peers"]) == ["alice", "bob"]
-        assert all(set(p) == {"id", "since"} for p in room["peers"])  # no --log-peers
+        assert all(set(p) == {"id", "since", "away"} for p in room["peers"])  # no --log-peers
         assert admin(base, "GET", "/rooms/nobody")[0] == 404
 
         status, answer = admin(base, "DELETE", "/rooms/lobby/peers/bob?reason=Cheating&ban=2")
@@ -481,8 +481,9 @@ def test_a_receiver_gets_a_sessions_events_in_order_signed(tmp_path: Path) -> No
     try:
         with connect(server.ws_url("alice", token="game.7~not-a-secret")) as a:
             recv_json(a)
-            with connect(server.ws_url("bob", token="game.7~other")) as b:
-                recv_json(b)
+            b = connect(server.ws_url("bob", token="game.7~other"))
+            recv_json(b)
+            b.close(1001)  # a page gone
             recv_json(a)  # bob's LEAVE
             admin(f"http://127.0.0.1:{port}", "DELETE", "/rooms/game.7/peers/alice")
             close_code(a)

@@ -250,7 +250,7 @@ def test_room_events_tell_a_newcomer_who_is_there_and_the_room_who_came() -> Non
     assert a.take() == [{"type": "JOIN", "src": "bob"}, {"type": "JOIN", "src": "carol"}]
     assert b.take()[2:] == [{"type": "JOIN", "src": "carol"}]
     world.close(b)
-    assert a.take() == [{"type": "LEAVE", "src": "bob"}]
+    assert a.take() == [{"type": "LEAVE", "src": "bob"}, {"type": "PART", "src": "bob"}]
 
 
 def test_a_reconnect_that_takes_its_id_over_gets_peers_and_nobody_hears_join() -> None:

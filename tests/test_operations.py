@@ -62,7 +62,7 @@ def test_wss_and_certificate_reload_on_sighup(tmp_path: Path) -> None:
             context = insecure_context()
             if offered:
                 context.set_alpn_protocols(offered)
-            with connect(url.format(f"alpn{len(offered)}", "tls"), ssl=context) as ws:
+            with connect(url.format("alpn", f"alpn{len(offered)}"), ssl=context) as ws:
                 assert recv_json(ws) == {"type": "OPEN"}
                 assert ws.socket.selected_alpn_protocol() == chosen  # type: ignore[attr-defined]
         old_a = connect(url.format("a", "tls"), ssl=insecure_context())

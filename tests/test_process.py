@@ -106,7 +106,7 @@ def test_open_relay_with_forced_src_and_leave_on_close(server: ServerProcess) ->
         b.send(json.dumps({"type": "ANSWER", "dst": "alice", "payload": {"n": 1}}))
         assert recv_json(a) == {"type": "ANSWER", "src": "bob", "dst": "alice",
                                 "payload": {"n": 1}}
-        a.close()
+        a.close(1001)  # as a browser closes a page's sockets
         assert recv_json(b) == {"type": "LEAVE", "src": "alice"}
 
 
@@ -277,7 +277,9 @@ FIELD_ORIGINS = ["null", "file://", "capacitor://localhost", "app://", "https://
 
 def test_any_origin_opens_without_an_allowlist(server: ServerProcess) -> None:
     for n, origin in enumerate(FIELD_ORIGINS):
-        with connect(server.ws_url(f"origin{n}"), origin=origin) as ws:  # type: ignore[arg-type]
+        # A room each: a closed peer keeps its seat for the reconnect grace.
+        with connect(server.ws_url(f"origin{n}", token=f"origin{n}"),
+                     origin=origin) as ws:  # type: ignore[arg-type]
             assert recv_json(ws) == {"type": "OPEN"}, origin
         _status, headers, _ = server.get("/peerjs/id", {"Origin": origin})
         assert headers["Access-Control-Allow-Origin"] == origin
