@@ -33,6 +33,8 @@ class Verdict(NamedTuple):
     # waits, without OPEN, and is asked again once this fires. The authorizer must decide
     # the second time, or after a bounded number of waits.
     later: Deferred[Any] | None = None
+    # The size of the room this peer creates (a JWT's room_size claim); None: --room-size.
+    room_size: int | None = None
 
 
 ALLOW = Verdict(True)

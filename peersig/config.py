@@ -44,8 +44,15 @@ class Config:
     jwt_keys: Any = None
     jwt_audience: str | None = None
     jwt_issuer: str | None = None
-    # PEERS to a joining peer and JOIN to its room-mates (not in none mode).
+    # PEERS to a joining peer and JOIN and PART to its room-mates (not in none mode).
     room_events: bool = False
+    # Types of app messages relayed through the room (--app-message-type; messages.py).
+    app_message_types: frozenset[str] = frozenset()
+    # Tokens match:NAME seat a peer in the oldest open room of queue NAME (Hub.match_room).
+    quick_match: bool = False
+    # GET /demo: the page to try peersig with (demo.py), and where it loads PeerJS from.
+    demo: bool = False
+    demo_peerjs_url: str | None = None
     # STUN/TURN URLs for GET {path}{key}/ice, and coturn's static-auth-secret (TURN REST).
     ice_servers: tuple[str, ...] = field(default_factory=tuple)
     turn_secret: bytes | None = None

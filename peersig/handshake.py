@@ -126,7 +126,9 @@ def judge(request: Request, draining: bool,
     request that is no upgrade (an address bar); RFC 6455 section 4.2.1's checks (405 for a
     method other than GET, 505 below HTTP/1.1, 400 for a missing or repeated Host, a
     Connection without ``upgrade``, a bad Sec-WebSocket-Key, 426 with the version spoken
-    for a Sec-WebSocket-Version other than 13); 400 for two Origin headers; then 403 for an
+    for a Sec-WebSocket-Version other than 13), and 400 for a body (whose bytes would be
+    read as frames on one route and as HTTP on the other); 400 for two Origin headers; then
+    403 for an
     Origin the allowlist does not hold (``origin_allowed``, called with None when there is
     none: the allowlist alone judges, ``null`` and ``file://`` included).
 
@@ -158,7 +160,9 @@ def judge(request: Request, draining: bool,
         return _bad("One Sec-WebSocket-Key of 16 bytes in base64 is needed")
     if request.values("sec-websocket-version") != ["13"]:
         return Refusal(426, "Upgrade Required", "Sec-WebSocket-Version 13 is spoken here",
-                       (("Sec-WebSocket-Version", "13"),))
+                       (("Upgrade", "websocket"), ("Sec-WebSocket-Version", "13")))
+    if request.values("transfer-encoding") or request.values("content-length") not in ([], ["0"]):
+        return _bad("An opening handshake has no body")
     origins = request.values("origin")
     if len(origins) > 1:
         return _bad("More than one Origin header")

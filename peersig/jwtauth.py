@@ -6,9 +6,10 @@ and ``none`` modes the JWT alone will do. PyJWT verifies the signature and the r
 claims: ``exp`` is required, ``nbf`` honoured (both with ``LEEWAY`` seconds of clock
 skew), ``aud`` and ``iss`` checked against ``--jwt-audience``/``--jwt-issuer`` when set (a
 token with an ``aud`` claim needs ``--jwt-audience``). Then ``sub`` must be the peer id and
-``room`` the room of the room mode (the key in ``none`` mode). A valid JWT takes its id
-over at once, as a signed ``hmac`` token does; every failure is ERROR ``Invalid token
-provided``.
+``room`` the room of the room mode (the key in ``none`` mode; ``match:NAME`` for a quick
+match). An optional ``room_size`` claim (a positive integer) sets the size of a room its
+holder creates, ``--room-size`` being the cap. A valid JWT takes its id over at once, as a
+signed ``hmac`` token does; every failure is ERROR ``Invalid token provided``.
 
 Keys come from ``--jwt-key-file`` (``KeyFile``: an HS256 secret, or a PEM public key or
 certificate for RS256/384/512, ES256/384/512 or EdDSA) or from ``--jwks-url`` (``JWKS``:
@@ -279,7 +280,10 @@ class JWTAuthorizer:
         expected_room = room if config.room_by != "none" else config.key
         if claims["sub"] != request.id or claims["room"] != expected_room:
             return REFUSED
-        return Verdict(True, takeover=True)
+        size = claims.get("room_size")
+        if size is not None and (type(size) is not int or size < 1):
+            return REFUSED
+        return Verdict(True, takeover=True, room_size=size)
 
 
 def load_key_file(path: str) -> KeyFile:

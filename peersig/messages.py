@@ -25,6 +25,26 @@ RELAYED: Final = frozenset({OFFER, ANSWER, CANDIDATE, LEAVE, EXPIRE})
 # Relays that are queued for an offline destination (LEAVE and EXPIRE never are).
 QUEUED: Final = frozenset({OFFER, ANSWER, CANDIDATE})
 CLIENT_TYPES: Final = frozenset({HEARTBEAT}) | RELAYED
+# Every type the stock client (peerjs 1.5.5) acts on, and the ones peersig sends besides:
+# never an app message type (--app-message-type), compared without case.
+PEERJS_TYPES: Final = frozenset({"OPEN", "LEAVE", "CANDIDATE", "OFFER", "ANSWER", "EXPIRE",
+                                 "HEARTBEAT", "ID-TAKEN", "INVALID-KEY", "ERROR"})
+PEERSIG_TYPES: Final = frozenset({"PEERS", "JOIN", "PART"})
+_APP_TYPE_RE: Final = re.compile(r"[A-Za-z][A-Za-z0-9_.:-]{0,31}")
+
+
+def app_type_problem(name: str) -> str | None:
+    """Why ``name`` cannot be an app message type (``--app-message-type``), or None.
+
+    A type is 1-32 characters, a letter then letters, digits and ``_ . : -``, and is none
+    of the types the stock client acts on or peersig sends, in any case: a frame of such a
+    type, without ``connectionId`` in its payload, reaches the stock client's default branch,
+    which only logs it (``_handleMessage`` in peerjs's lib/peer.ts)."""
+    if _APP_TYPE_RE.fullmatch(name) is None:
+        return "1 to 32 characters: a letter, then letters, digits and _ . : -"
+    if name.upper() in PEERJS_TYPES | PEERSIG_TYPES:
+        return "a type of PeerJS's own or of peersig's, which the client acts on"
+    return None
 
 # Error texts (payload.msg of an ERROR frame).
 E_MISSING_PARAMS: Final = "No id, token, or key supplied to websocket server"
@@ -104,10 +124,12 @@ _frame_decoder = msgspec.json.Decoder(_Frame)
 _type_decoder = msgspec.json.Decoder(_TypeOnly)
 
 
-def parse_frame(data: bytes) -> Inbound:
+def parse_frame(data: bytes, app_types: frozenset[str] = frozenset()) -> Inbound:
     """Decode one text frame. Raises ``BadFrame`` for anything we do not accept.
 
-    Invalid UTF-8 fails here too, so the transport need not validate it separately.
+    ``app_types``: the app message types accepted besides PeerJS's own; their ``dst`` may
+    be absent (a message to the whole room). Invalid UTF-8 fails here too, so the transport
+    need not validate it separately.
     """
     # msgspec checks the UTF-8 of the strings it decodes, not of a payload it skips.
     if not data.isascii():
@@ -127,24 +149,27 @@ def parse_frame(data: bytes) -> Inbound:
                 raise BadFrame("bad_json") from None  # it failed before reaching the end
             if kind == HEARTBEAT:
                 return Inbound(HEARTBEAT, None, None)
-            known = type(kind) is str and kind in CLIENT_TYPES
+            known = type(kind) is str and (kind in CLIENT_TYPES or kind in app_types)
             raise BadFrame("no_dst" if known else "bad_type") from None
         raise BadFrame("bad_type" if "`$.type" in where else "not_object") from None
     except msgspec.DecodeError:
         if _SURROGATE_ESCAPE.search(data) is None:
             raise BadFrame("bad_json") from None
-        return _parse_lenient(data)
+        return _parse_lenient(data, app_types)
     except RecursionError:
         raise BadFrame("bad_json") from None
-    return _inbound(frame.type, frame.dst, frame.payload)
+    return _inbound(frame.type, frame.dst, frame.payload, app_types)
 
 
-def _inbound(mtype: object, dst: object, payload: msgspec.Raw | bytes) -> Inbound:
-    if type(mtype) is not str or mtype not in CLIENT_TYPES:
+def _inbound(mtype: object, dst: object, payload: msgspec.Raw | bytes,
+             app_types: frozenset[str]) -> Inbound:
+    if type(mtype) is not str or (mtype not in CLIENT_TYPES and mtype not in app_types):
         raise BadFrame("bad_type")
     if mtype == HEARTBEAT:
         return Inbound(HEARTBEAT, None, None)
     if type(dst) is not str or not dst:
+        if dst is None and mtype in app_types:  # to the whole room
+            return Inbound(mtype, None, None if payload is _ABSENT else bytes(payload))
         raise BadFrame("no_dst")
     return Inbound(mtype, dst, None if payload is _ABSENT else bytes(payload))
 
@@ -167,7 +192,7 @@ _lenient: Final = json.JSONDecoder(parse_constant=_no_constant)
 MAX_MEMBERS: Final = 32
 
 
-def _parse_lenient(data: bytes) -> Inbound:
+def _parse_lenient(data: bytes, app_types: frozenset[str]) -> Inbound:
     """``parse_frame`` for a frame that msgspec refused and that holds a surrogate escape:
     the same verdicts, by Python's json module, and the payload's own bytes.
 
@@ -184,9 +209,9 @@ def _parse_lenient(data: bytes) -> Inbound:
     mtype = members.get("type", (None, 0, 0))[0]
     dst = members.get("dst", (None, 0, 0))[0]
     if "payload" not in members:
-        return _inbound(mtype, dst, _ABSENT)
+        return _inbound(mtype, dst, _ABSENT, app_types)
     _, start, end = members["payload"]
-    return _inbound(mtype, dst, text[start:end].encode())
+    return _inbound(mtype, dst, text[start:end].encode(), app_types)
 
 
 def _skip(text: str, pos: int) -> int:
@@ -239,9 +264,11 @@ def error_frame(msg: str) -> bytes:
     return _encode({"type": "ERROR", "payload": {"msg": msg}}).encode()
 
 
-def relay_frame(mtype: str, src: str, dst: str, payload: bytes | None) -> bytes:
-    """``{"type","src","dst","payload"}``; ``src`` and ``dst`` must be valid ids."""
-    head = f'{{"type":"{mtype}","src":"{src}","dst":"{dst}"'.encode()
+def relay_frame(mtype: str, src: str, dst: str | None, payload: bytes | None) -> bytes:
+    """``{"type","src","dst","payload"}``; ``src`` and ``dst`` must be valid ids. Without
+    ``dst`` (an app message to the whole room), ``{"type","src","payload"}``."""
+    head = (f'{{"type":"{mtype}","src":"{src}","dst":"{dst}"' if dst is not None
+            else f'{{"type":"{mtype}","src":"{src}"').encode()
     if payload is None:
         return head + b"}"
     return b"".join((head, b',"payload":', payload, b"}"))

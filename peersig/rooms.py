@@ -52,6 +52,10 @@ from .stats import Stats
 log = Logger()
 
 
+# Tokens (the room part, before any ~) that ask --quick-match for a room of a queue.
+MATCH_PREFIX = "match:"
+
+
 class JoinRequest(NamedTuple):
     """The query of a WebSocket upgrade, URL-decoded; empty strings when absent."""
 
@@ -118,11 +122,17 @@ class Probe:
 
 
 class Room:
-    __slots__ = ("away", "created", "name", "peers", "queued", "queues", "tag")
+    __slots__ = ("away", "created", "match", "name", "peers", "queued", "queues", "size", "tag")
 
-    def __init__(self, name: str, created: float = 0.0) -> None:
+    def __init__(self, name: str, created: float = 0.0, size: int = 0,
+                 match: str | None = None) -> None:
         self.name = name
         self.created = created
+        # Members at most, 0 = unlimited: --room-size, or a token's room_size below it; kept
+        # while the room lives.
+        self.size = size
+        # The quick-match queue the room was made for (``Hub.match_room``), if any.
+        self.match = match
         # Logs name a room by this digest: in token mode the room name is the token.
         self.tag = hashlib.sha256(name.encode()).hexdigest()[:12]
         # The members: connected ones, and those whose socket closed within their grace
@@ -135,6 +145,9 @@ class Room:
     def members(self) -> list[str]:
         """Every member's id: the connected ones in the order they joined, then the away."""
         return [*self.peers, *self.away]
+
+    def full(self) -> bool:
+        return bool(self.size) and len(self.peers) + len(self.away) >= self.size
 
 
 class EventSink(Protocol):
@@ -176,6 +189,10 @@ class Hub:
         self.bans: dict[tuple[str, str], tuple[float, str]] = {}
         # Members whose socket closed, within their grace: session -> (its end, the reason).
         self.away: dict[Session, tuple[float, str]] = {}
+        # Quick match: each queue's live rooms, oldest first, and the number of the last
+        # room made (one count for all queues: no two rooms ever share a name).
+        self.matches: dict[str, list[Room]] = {}
+        self.match_number = 0
         # LEAVE on departure goes to the whole room, except in ``none`` mode, where the
         # "room" is everyone and only the peers one talked to are told.
         self._track_contacts = config.room_by == "none"
@@ -242,14 +259,30 @@ class Hub:
             self._await_verdict(transport, req, admitted.later)
             return None
         name, verdict = admitted
+        size = self._room_size(verdict)
+        match = None
+        if cfg.quick_match and name.startswith(MATCH_PREFIX):
+            match = name[len(MATCH_PREFIX):]
+            if ":" in match or not match:
+                self._reject(transport, req, "invalid_room", E_INVALID_ROOM)
+                return None
+            name = self.match_room(match, req.id, size)
+            ban = self.bans.get((name, req.id)) if self.bans else None
+            if ban is not None and now < ban[0]:
+                self._reject(transport, req, "banned", ban[1])
+                return None
         room = self.rooms.get(name)
         holder = room.peers.get(req.id) if room is not None else None
         if room is not None and room.away and req.id in room.away:
             away = room.away[req.id]
-            if not (verdict.takeover or cfg.room_by == "token" or away.token == req.token):
+            until, reason = self.away[away]
+            if until <= now:  # its grace is over, though the sweep has yet to say so
+                self.depart(away, reason, leave=False)
+                return self.join(transport, req)
+            if not (verdict.takeover or away.token == req.token):
                 self._refuse(transport, req, (name, req.id))  # its token keeps the id
                 return None
-            if self._address_full(req.address):
+            if req.address != away.address and self._address_full(req.address):
                 self._reject(transport, req, "address_full", E_ADDRESS_FULL)
                 return None
             return self._resume(away, transport, req, now)
@@ -269,22 +302,50 @@ class Hub:
         if self._address_full(req.address):
             self._reject(transport, req, "address_full", E_ADDRESS_FULL)
             return None
-        if (
-            cfg.room_by != "none"
-            and cfg.room_size
-            and room is not None
-            and len(room.peers) + len(room.away) >= cfg.room_size
-        ):
+        if room is not None and room.full():
             silent = [s for s in room.peers.values() if now - s.last_seen > HEARTBEAT_INTERVAL]
             self._contend(transport, req, (name, ""), silent, now)
             return None
         if room is None:
-            room = self.rooms[name] = Room(name, now)
-            if self.events is not None:
-                self.events.event("room_started", self.public_name(room))
+            room = self._open_room(name, now, size, match)
         session = Session(self, transport, room, req.id, req.token, req.address, now)
         self._register(session, "opened")
         return session
+
+    def _room_size(self, verdict: Verdict) -> int:
+        """The size of a room this join would create: --room-size, or a token's smaller
+        ``room_size``; 0 (unlimited) in ``none`` mode."""
+        cap = self.config.room_size
+        if self.config.room_by == "none":
+            return 0
+        if verdict.room_size is None:
+            return cap
+        return min(verdict.room_size, cap) if cap else verdict.room_size
+
+    def _open_room(self, name: str, now: float, size: int, match: str | None) -> Room:
+        room = self.rooms[name] = Room(name, now, size, match)
+        if match is not None:
+            self.matches.setdefault(match, []).append(room)
+        if self.events is not None:
+            self.events.event("room_started", self.public_name(room))
+        return room
+
+    def match_room(self, queue: str, peer_id: str, size: int) -> str:
+        """``--quick-match``: the room a join with token ``match:QUEUE`` goes to. The room of
+        the queue that has ``peer_id`` as a member (a reconnect goes back to its room); else
+        the oldest of the queue's rooms of ``size`` with a free seat; else a new room,
+        ``match:QUEUE:N``, which no token can name directly (a queue has no ``:``). The
+        rooms of a queue are looked through in turn: a join costs a dict look-up per live
+        room of its queue."""
+        rooms = self.matches.get(queue, ())
+        for room in rooms:
+            if peer_id in room.peers or peer_id in room.away:
+                return room.name
+        for room in rooms:
+            if room.size == size and not room.full() and (room.name, peer_id) not in self.bans:
+                return room.name
+        self.match_number += 1
+        return f"{MATCH_PREFIX}{queue}:{self.match_number}"
 
     def _await_verdict(self, transport: PeerTransport, req: JoinRequest,
                        later: Deferred[Any]) -> None:
@@ -301,6 +362,9 @@ class Hub:
 
     def _join_later(self, transport: PeerTransport, req: JoinRequest) -> None:
         """A join that waited (on a probe or the authorizer) is tried again."""
+        if self.draining:
+            transport.close_with(CLOSE_GOING_AWAY, "Server shutting down")
+            return
         try:
             joined = self.join(transport, req)
             if joined is not None:
@@ -342,6 +406,8 @@ class Hub:
         LEAVE went out, no JOIN goes out; what was queued for it is delivered after OPEN."""
         del self.away[away]
         del away.room.away[away.id]
+        away.state = CLOSED
+        self._uncount(away.address)  # the new connection counts for its own address
         session = Session(self, transport, away.room, req.id, req.token, req.address, now)
         session.contacts = away.contacts
         self._register(session, "resumed")
@@ -403,7 +469,9 @@ class Hub:
             transport.send_frame(ID_TAKEN_FRAME)
             transport.close_with(CLOSE_POLICY, "ID is taken")
         else:
-            self._reject(transport, req, "room_full", room_full_text(self.config.room_size))
+            room = self.rooms.get(key[0])
+            size = room.size if room is not None else self.config.room_size
+            self._reject(transport, req, "room_full", room_full_text(size))
 
     def heard(self, session: Session) -> None:
         """A pong from ``session``: decide each probe of it whose asked peers all answered."""
@@ -424,6 +492,7 @@ class Hub:
         """Forget ``probe``; its contenders, in the order they came."""
         if probe.call is not None and probe.call.active():
             probe.call.cancel()
+        probe.call = None  # the call holds the probe: no cycle left for the collector
         del self.probes[probe.key]
         for session in probe.asked:
             probes = self.probed[session]
@@ -527,7 +596,9 @@ class Hub:
         stats.received[mtype] += 1
         room = sender.room
         dst = msg.dst
-        assert dst is not None
+        if dst is None:  # an app message to the whole room
+            self._broadcast(sender, msg)
+            return
         target = room.peers.get(dst)
         if target is not None:
             target.transport.send_frame(relay_frame(mtype, sender.id, dst, msg.payload))
@@ -538,6 +609,8 @@ class Hub:
             return
         if mtype not in QUEUED:
             stats.drops["offline"] += 1
+            if mtype in self.config.app_message_types:
+                self._expire(sender, dst)  # app messages are never queued
             return
         if not valid_id(dst):
             # No peer can ever hold this id: say so at once.
@@ -545,6 +618,22 @@ class Hub:
             self._expire(sender, dst)
             return
         self._enqueue(sender, room, dst, relay_frame(mtype, sender.id, dst, msg.payload))
+
+    def _broadcast(self, sender: Session, msg: Inbound) -> None:
+        """An app message without ``dst``: to every other connected member of the room (not
+        in ``none`` mode, which has no rooms: dropped there)."""
+        if self.config.room_by == "none":
+            self.stats.drops["no_dst"] += 1
+            return
+        frame = relay_frame(msg.type, sender.id, None, msg.payload)
+        others = [p for p in sender.room.peers.values() if p is not sender]
+        for other in others:
+            other.transport.send_frame(frame)
+        self.stats.relayed[msg.type] += 1
+        if others and self.config.rate_limit:
+            # A frame to N peers costs the sender's bucket N: a room without a size cap must
+            # not multiply what one peer may make the server send.
+            sender.tokens -= len(others) - 1
 
     def _enqueue(self, sender: Session, room: Room, dst: str, frame: bytes) -> None:
         cfg = self.config
@@ -590,8 +679,8 @@ class Hub:
         deadline = now - self.config.expire_timeout
         for room in list(self.rooms_with_queues):
             for dst, queue in list(room.queues.items()):
-                if queue.created > deadline:
-                    continue
+                if queue.created > deadline or dst in room.away:
+                    continue  # a member within its grace gets its queue when it comes back
                 del room.queues[dst]
                 self._drop_queue(room, queue)
                 for sender_id, _frame in queue.frames:
@@ -654,11 +743,14 @@ class Hub:
     def _forget(self, session: Session) -> None:
         session.state = CLOSED
         self.sessions.discard(session)
-        left = self.per_address[session.address] - 1
+        self._uncount(session.address)
+
+    def _uncount(self, address: str) -> None:
+        left = self.per_address[address] - 1
         if left:
-            self.per_address[session.address] = left
+            self.per_address[address] = left
         else:
-            del self.per_address[session.address]
+            del self.per_address[address]
 
     def socket_closed(self, session: Session, code: int | None, clean: bool) -> None:
         """The peer's socket closed: ``clean`` with a close frame carrying ``code`` (None
@@ -690,9 +782,14 @@ class Hub:
         id and seat are its own, messages for it are queued (and EXPIRE as usual), and a
         join with its id and token takes it back (``_resume``). When the grace ends the
         membership ends, without LEAVE (``sweep``)."""
+        if not self.config.reconnect_grace:
+            self.depart(session, reason, leave=False)
+            return
         room = session.room
-        self._forget(session)
+        # Out of the connected set, but still counted for its address (--max-peers-per-ip):
+        # a place kept is a place taken, until the grace ends or a reconnect takes it back.
         session.state = AWAY
+        self.sessions.discard(session)
         session.transport = DETACHED
         if room.peers.get(session.id) is session:
             del room.peers[session.id]
@@ -701,12 +798,12 @@ class Hub:
         log.info("peer away from room {room}: {reason}", event="away", reason=reason,
                  room=room.tag, **self._who(session.id, session.address))
         self._settle(session)
-        if not self.config.reconnect_grace:
-            self.depart(session, reason, notify=False)
 
-    def depart(self, session: Session, reason: str, notify: bool = True) -> None:
+    def depart(self, session: Session, reason: str, notify: bool = True,
+               leave: bool = True) -> None:
         """The peer's membership ends (closed, timed out, cut off, or its grace is over):
-        tell its room once, LEAVE unless ``notify`` is false."""
+        tell its room once: LEAVE if ``leave``, and with room events PART, both unless
+        ``notify`` is false (the room is closing as well)."""
         if session.state == CLOSED:
             return
         room = session.room
@@ -714,6 +811,7 @@ class Hub:
             session.state = CLOSED
             del self.away[session]
             del room.away[session.id]
+            self._uncount(session.address)
         else:
             self._forget(session)
             if room.peers.get(session.id) is session:
@@ -722,11 +820,11 @@ class Hub:
         log.info("peer left room {room}: {reason}", event="disconnect", reason=reason,
                  room=room.tag, duration=round(self.clock.seconds() - session.connected_at, 3),
                  **self._who(session.id, session.address))
-        if notify:
+        if notify and leave:
             frame = leave_frame(session.id)
             for other in self._told_of_departure(session):
                 other.transport.send_frame(frame)
-        if self.config.room_events:
+        if notify and self.config.room_events:
             frame = part_frame(session.id)
             for other in room.peers.values():
                 other.transport.send_frame(frame)
@@ -736,6 +834,8 @@ class Hub:
         if not room.peers and not room.away:
             # Nobody left to deliver to or to tell: forget the room and its queues.
             del self.rooms[room.name]
+            if room.match is not None:
+                self._forget_match(room)
             for queue in room.queues.values():
                 self.queued_bytes -= queue.nbytes
             room.queues.clear()
@@ -743,6 +843,13 @@ class Hub:
             if events is not None:
                 events.event("room_finished", self.public_name(room))
         self._settle(session)
+
+    def _forget_match(self, room: Room) -> None:
+        assert room.match is not None
+        rooms = self.matches[room.match]
+        rooms.remove(room)
+        if not rooms:
+            del self.matches[room.match]
 
     def _told_of_departure(self, session: Session) -> list[Session]:
         """The room, or in ``none`` mode the peers it exchanged messages with."""
@@ -817,7 +924,11 @@ class Hub:
         if self.away:
             for session, (until, reason) in list(self.away.items()):
                 if until <= now:
-                    self.depart(session, reason, notify=False)  # the grace is over
+                    try:
+                        self.depart(session, reason, leave=False)  # the grace is over
+                    except Exception:
+                        self.stats.sweep_errors += 1
+                        log.failure("ending a reconnect grace failed")
         if self.bans:
             for key in [k for k, (until, _reason) in self.bans.items() if until <= now]:
                 del self.bans[key]
@@ -834,6 +945,9 @@ class Hub:
         for probe in list(self.probes.values()):
             for transport, _req in self._end(probe):
                 transport.close_with(code, reason)
+        for transport in [t for t, probe in self.waiting.items() if probe is None]:
+            del self.waiting[transport]  # on the authorizer: its verdict comes to nothing
+            transport.close_with(code, reason)
         for session in [*self.sessions, *self.away]:
             self.depart(session, "shutdown", notify=False)
             session.transport.close_with(code, reason)

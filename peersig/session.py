@@ -144,7 +144,7 @@ class Session:
                 return
             self.tokens = tokens - 1.0
         try:
-            msg = parse_frame(data)
+            msg = parse_frame(data, hub.config.app_message_types)
         except BadFrame as e:
             hub.bad_frame(self, e.reason, now)
             return

@@ -18,6 +18,7 @@ from twisted.python import usage
 from . import upstream
 from .auth import authorizers
 from .config import Config
+from .messages import app_type_problem
 from .tls import CertificateError, load_context, split_description
 from .tokens import read_secret
 from .turn import valid_ice_url
@@ -100,6 +101,9 @@ class Options(usage.Options):
         ["drain-timeout", None, 5.0,
          "Seconds a stopping server waits for peers to close before it exits.",
          _positive_float],
+        ["demo-peerjs-url", None, None,
+         "Where the demo page loads the PeerJS client from [default: a pinned CDN URL, with "
+         "its integrity hash]."],
         ["reconnect-grace", None, 10.0,
          "Seconds a peer whose socket closed without leaving for good (peer.disconnect(), a "
          "cut connection) keeps its id and seat; a reconnect within them is silent (no LEAVE, "
@@ -148,7 +152,12 @@ class Options(usage.Options):
     optFlags: list[list[str | None]] = [
         ["allow-discovery", None, "Answer GET {path}{key}/peers with the room's ids."],
         ["room-events", None, "Send a joining peer PEERS (the others' ids) and its room-mates "
-         "JOIN (not in none mode)."],
+         "JOIN and PART (not in none mode)."],
+        ["quick-match", None, "Tokens match:NAME seat a peer in the oldest open room of queue "
+         "NAME, rooms of --room-size or the token's room_size; implies --room-events "
+         "(token mode only)."],
+        ["demo", None, "Serve GET /demo, a page to try peersig in two tabs (room members, "
+         "chat, a video call); implies --room-events and the app message type CHAT."],
         ["log-peers", None, "Put peer ids and client addresses in log events."],
     ]
 
@@ -158,6 +167,7 @@ class Options(usage.Options):
         self["allowed-origin"] = []
         self["ice-server"] = []
         self["webhook"] = []
+        self["app-message-type"] = []
         self._cli_lists: set[str] = set()
 
     def parseOptions(self, options: list[str] | None = None) -> None:
@@ -186,6 +196,11 @@ class Options(usage.Options):
         """STUN or TURN URL that GET {path}{key}/ice hands out (repeatable) [default: none]"""
         self._append_cli("ice-server", url)
 
+    def opt_app_message_type(self, name: str) -> None:
+        """Type of app messages relayed through the room, to one peer (dst) or all
+        (repeatable) [default: none]"""
+        self._append_cli("app-message-type", name)
+
     def opt_webhook(self, url: str) -> None:
         """http:// or https:// URL that room events are POSTed to (repeatable) [default: none]"""
         self._append_cli("webhook", url)
@@ -212,7 +227,7 @@ class Options(usage.Options):
             value = environ.get(env_name(name))
             if value is not None:
                 self[name] = value.strip().lower() in ("1", "true", "yes", "on")
-        for name in ("port", "allowed-origin", "ice-server", "webhook"):
+        for name in ("port", "allowed-origin", "ice-server", "webhook", "app-message-type"):
             value = environ.get(env_name(name))
             if value:
                 self[name] = [v.strip() for v in value.split(",") if v.strip()]
@@ -294,6 +309,18 @@ class Options(usage.Options):
         jwt_keys = self._jwt_keys()
         if self["room-events"] and self["room-by"] == "none":
             raise usage.UsageError("--room-events has no rooms to tell of in --room-by none")
+        if self["quick-match"] and self["room-by"] != "token":
+            raise usage.UsageError("--quick-match seats peers in rooms of --room-by token")
+        if self["demo"] and self["room-by"] == "none":
+            raise usage.UsageError("--demo shows a room: not in --room-by none")
+        app_types = set(self["app-message-type"]) | ({"CHAT"} if self["demo"] else set())
+        for app_type in app_types:
+            problem = app_type_problem(app_type)
+            if problem:
+                raise usage.UsageError(f"--app-message-type {app_type}: {problem}")
+        demo_url = self["demo-peerjs-url"]
+        if demo_url and urlsplit(demo_url).scheme not in ("http", "https"):
+            raise usage.UsageError(f"--demo-peerjs-url {demo_url}: an http(s) URL")
         name = self["auth"] or ("hmac" if secret else "jwt" if jwt_keys else "open")
         found = authorizers()
         if name not in found:
@@ -303,6 +330,8 @@ class Options(usage.Options):
             raise usage.UsageError("--auth hmac needs --secret-file")
         if name == "jwt" and jwt_keys is None:
             raise usage.UsageError("--auth jwt needs --jwt-key-file or --jwks-url")
+        if self["demo"] and name != "open":
+            raise usage.UsageError(f"--demo joins with plain room names: not with --auth {name}")
         return Config(
             path=self["path"],
             key=self["key"],
@@ -342,7 +371,11 @@ class Options(usage.Options):
             jwt_keys=jwt_keys,
             jwt_audience=self["jwt-audience"],
             jwt_issuer=self["jwt-issuer"],
-            room_events=bool(self["room-events"]),
+            room_events=bool(self["room-events"] or self["quick-match"] or self["demo"]),
+            app_message_types=frozenset(app_types),
+            quick_match=bool(self["quick-match"]),
+            demo=bool(self["demo"]),
+            demo_peerjs_url=demo_url or None,
         )
 
 

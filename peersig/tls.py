@@ -28,6 +28,8 @@ from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from .upstream.stdlib import close_notify, server_tls
+
 log = Logger()
 
 # The listen() backlog of tcp: and ssl: ports unless their description says backlog=N.
@@ -142,11 +144,9 @@ class TLSServer(tcp.Server):
 
     def __init__(self, sock: Any, protocol: Any, client: Any, server: TLSPort, sessionno: int,
                  reactor: Any) -> None:
-        # The socket becomes an SSLSocket (the accepted one is detached into it): reads are
-        # SSL_read and writes SSL_write on its descriptor, in C.
-        self._tls = server.tls.context.wrap_socket(
-            sock, server_side=True, do_handshake_on_connect=False, suppress_ragged_eofs=False)
-        super().__init__(self._tls, protocol, client, server, sessionno, reactor)
+        # Reads are SSL_read and writes SSL_write on the socket's descriptor, in C.
+        self._tls, sock = server_tls(server.tls.context, sock)
+        super().__init__(sock, protocol, client, server, sessionno, reactor)
 
     def _handshake(self) -> Any:
         """One step of the handshake: None while it goes on (or once it is over),
@@ -235,7 +235,7 @@ class TLSServer(tcp.Server):
                 and hasattr(self, "socket"):
             # close_notify; the client's own is not waited for
             with contextlib.suppress(ssl.SSLError, OSError, ValueError):
-                self._tls.unwrap()
+                close_notify(self._tls)
         super().connectionLost(reason)
 
 

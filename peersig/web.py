@@ -20,7 +20,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 from zope.interface import implementer_only
 
-from . import __version__, handshake
+from . import __version__, demo, handshake
 from .messages import E_INTERNAL, E_RATE_LIMIT
 from .metrics import CONTENT_TYPE, make_registry, render, summary
 from .rooms import Hub, JoinRequest, Pending, Refusal
@@ -53,6 +53,7 @@ class Root(Resource):
         self.metrics = make_registry(hub)
         # A page asks once per Peer it creates, and again on a reconnect.
         self.ice_rate = AddressRate(ICE_RATE, ICE_BURST)
+        self.demo = demo.page(hub.config) if hub.config.demo else None
 
     def render(self, request: Request) -> Any:
         raw = request.path.decode("utf-8", "replace")
@@ -68,6 +69,11 @@ class Root(Resource):
             return b""
         if raw.rstrip("/") == "/health":
             return self._health(request)
+        if raw.rstrip("/") == "/demo" and self.demo is not None:
+            request.setHeader(b"content-type", b"text/html; charset=utf-8")
+            request.setHeader(b"x-content-type-options", b"nosniff")
+            request.setHeader(b"referrer-policy", b"no-referrer")
+            return self.demo
         if raw.rstrip("/") == "/metrics":
             if b"application/json" in (request.getHeader(b"accept") or b""):
                 return _json(request, summary(self.hub))
@@ -98,17 +104,17 @@ class Root(Resource):
         transport = channel.transport
         assert transport is not None
         protocol = cast(PeerProtocol, self.websocket.buildProtocol(transport.getPeer()))
-        take_transport(transport, protocol)
-        channel.transport = None
-        # The request never finishes: let the channel forget it, so that neither keeps the
-        # other (and the headers) alive for as long as the peer stays.
-        channel.requests.clear()
+        # What the client sent after the head (frames, on a kept-alive connection) is the
+        # protocol's; the channel reads no more.
+        rest = channel.clearLineBuffer()
+        take_transport(transport, protocol, channel)
         fields = tuple((name.decode("iso-8859-1").lower(), value.decode("iso-8859-1"))
                        for name, values in request.requestHeaders.getAllRawHeaders()
                        for value in values)
         protocol.upgrade(handshake.Request(request.method.decode("iso-8859-1"),
                                            request.uri.decode("iso-8859-1"),
-                                           request.clientproto.decode("iso-8859-1"), fields))
+                                           request.clientproto.decode("iso-8859-1"), fields),
+                         rest)
         return NOT_DONE_YET
 
     def _cors(self, request: Request) -> None:
@@ -312,8 +318,7 @@ class GuardedChannel(HTTPChannel):
             self._deadline.action = protocol.handshake_expired
             protocol.handshake_deadline = self._deadline
         self._deadline = None
-        self.transport = None
-        take_transport(transport, protocol)
+        take_transport(transport, protocol, self)
         protocol.dataReceived(data)
 
     def allHeadersReceived(self) -> None:

@@ -180,8 +180,9 @@ class PeerProtocol(WebSocketServerProtocol):
     def _read_head(self, data: bytes) -> None:
         if self._refused:
             return
-        head = self._head + data if self._head else data
-        end = head.find(b"\r\n\r\n")
+        known = len(self._head)
+        head = self._head + data if known else data
+        end = head.find(b"\r\n\r\n", max(0, known - 3))
         if end < 0 or end + 4 > MAX_HEAD:
             if len(head) > MAX_HEAD:
                 self.refuse(_HEAD_TOO_LARGE)  # not buffered without end

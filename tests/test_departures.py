@@ -113,14 +113,22 @@ def test_a_reconnect_after_the_grace_is_an_ordinary_join(world: World) -> None:
     assert types(b) == [("JOIN", "alice")]
 
 
-def test_messages_for_an_away_peer_expire_as_for_any_offline_one(world: World) -> None:
+def test_messages_for_an_away_peer_wait_for_it_until_its_grace_ends(world: World) -> None:
     a, b = pair(world)
     closed(world, a)
     world.send(b, {"type": "OFFER", "dst": "alice", "payload": 1})
-    world.advance(6.0)
-    assert types(b) == [("EXPIRE", "alice")]
+    world.advance(8.0)  # past --expire-timeout: kept, alice may still come back
+    assert b.take() == []
     back = world.connect("alice")
-    assert types(back) == [("OPEN", None), ("PEERS", None)]
+    assert types(back) == [("OPEN", None), ("PEERS", None), ("OFFER", "bob")]
+
+
+def test_what_waits_for_an_away_peer_expires_when_its_grace_ends(world: World) -> None:
+    a, b = pair(world)
+    closed(world, a)
+    world.send(b, {"type": "OFFER", "dst": "alice", "payload": 1})
+    world.advance(10.0)
+    assert types(b) == [("PART", "alice"), ("EXPIRE", "alice")]
 
 
 def test_an_away_peer_keeps_its_seat(world: World) -> None:
@@ -210,3 +218,64 @@ def world_request(peer_id: str) -> Any:
     from peersig.rooms import JoinRequest
 
     return JoinRequest("peerjs", peer_id, "room1", "127.0.0.1")
+
+
+def test_without_a_grace_a_probe_contender_joins_as_the_holder_goes() -> None:
+    # Found in review: with --reconnect-grace 0, the holder's unclean close while a reconnect
+    # waited on its probe raised KeyError out of connectionLost.
+    world = World(reconnect_grace=0.0)
+    a, b = world.connect("alice", responsive=False), world.connect("bob")
+    a.take(), b.take()
+    world.clock.advance(2.0)
+    new = FakeTransport()
+    assert world.hub.join(new, world_request("alice")) is None
+    closed(world, a, clean=False)  # cut while talking (2 s of silence, under keepalive - 1)
+    assert new.types() == ["OPEN"] and not world.hub.away
+    assert world.hub.per_address == {"127.0.0.1": 2}
+
+
+def test_away_peers_count_for_their_address_until_they_come_back_or_go() -> None:
+    world = World(max_peers_per_ip=2, reconnect_grace=10.0)
+    a, _b = pair(world)
+    closed(world, a)
+    refused = world.connect("carol")  # alice's kept place still counts for the address
+    assert refused.messages()[0]["payload"]["msg"] == "Too many connections from your address"
+    back = world.connect("alice")  # its own place: handed over, not counted twice
+    assert back.types() == ["OPEN"] and world.hub.per_address == {"127.0.0.1": 2}
+    assert back.session is not None
+    closed(world, back)
+    world.advance(10.0)
+    assert world.hub.per_address == {"127.0.0.1": 1}
+
+
+def test_a_place_is_not_taken_back_once_its_grace_is_over_even_before_the_sweep() -> None:
+    world = World(room_events=True, reconnect_grace=10.0, sweep_interval=5.0)
+    a, b = pair(world)
+    closed(world, a)
+    world.clock.advance(10.5)  # the grace is over; the sweep has not run yet
+    back = world.connect("alice")
+    assert back.types() == ["OPEN", "PEERS"]
+    assert types(b) == [("PART", "alice"), ("JOIN", "alice")]
+
+
+def test_a_drain_ends_a_join_that_waits_on_the_authorizer() -> None:
+    from twisted.internet.defer import Deferred
+
+    from peersig.auth import ALLOW, Verdict
+
+    later: Deferred[None] = Deferred()
+
+    class Waiting:
+        name = "waiting"
+
+        def authorize(self, *args: Any) -> Any:
+            return ALLOW if later.called else Verdict(False, later=later)
+
+    world = World(authorizer=Waiting())
+    waiting = FakeTransport()
+    assert world.hub.join(waiting, world_request("late")) is None
+    world.hub.draining = True
+    world.hub.close_all()
+    assert waiting.closed == (1001, "Server shutting down") and not world.hub.waiting
+    later.callback(None)
+    assert waiting.types() == [] and not world.hub.sessions

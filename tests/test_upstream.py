@@ -11,7 +11,9 @@ from __future__ import annotations
 import contextlib
 import inspect
 import socket
+import time
 from collections.abc import Iterator
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -206,12 +208,18 @@ def test_write_now() -> None:
 
 
 def test_take_transport() -> None:
-    """A tcp.Server reads into whatever its protocol attribute holds now."""
+    """A tcp.Server reads into whatever its protocol attribute holds now; an HTTPChannel
+    keeps its requests in its ``requests`` list."""
+    from twisted.web.http import HTTPChannel
+
+    assert isinstance(HTTPChannel().requests, list)
     first, second = Recorder(), Recorder()
+    channel = SimpleNamespace(transport=object(), requests=[object()])
     with tcp_server(first) as (server, client):
         server.registerProducer(first, True)  # as an HTTP channel is
-        take_transport(server, second)
+        take_transport(server, second, channel)
         assert server.producer is None and second.transport is server
+        assert channel.transport is None and channel.requests == []
         client.send(b"frames")
         server.doRead()
         assert second.data == [b"frames"] and first.data == []
@@ -239,6 +247,26 @@ def test_tls_transport(monkeypatch: pytest.MonkeyPatch) -> None:
         assert server.socket if hasattr(server, "socket") else True
         client.settimeout(1)
         assert client.recv(10) == b""  # closed
+
+
+def test_head_received_hook() -> None:
+    """HTTPChannel calls allHeadersReceived once the header block is whole, and not
+    before."""
+    from twisted.web.http import HTTPChannel
+
+    heads: list[int] = []
+
+    class Channel(HTTPChannel):
+        def allHeadersReceived(self) -> None:
+            heads.append(1)
+            super().allHeadersReceived()
+
+    channel = Channel()
+    channel.makeConnection(StringTransport())
+    channel.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\n")
+    assert heads == []
+    channel.dataReceived(b"X-A: 1\r\n\r\n")
+    assert heads == [1]
 
 
 def test_raise_on_listen_error() -> None:
@@ -411,7 +439,111 @@ def test_lean_connection() -> None:
     assert protocol.events == [("message", b"still"), ("close", True, 1000)]
 
 
+# -- the standard library: ssl_object -----------------------------------------------------
+
+
+def test_ssl_object(tmp_path: Path) -> None:
+    """SSLContext._wrap_socket gives the C object with the methods tls.TLSServer calls, and
+    it speaks TLS on the socket itself, without blocking."""
+    import ssl
+    import threading
+
+    from tests.serverproc import make_self_signed_cert
+
+    key, cert = make_self_signed_cert(tmp_path)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(str(cert), str(key))
+    server_sock, client_sock = socket.socketpair()
+    server_sock.setblocking(False)
+    tls = context._wrap_socket(server_sock, server_side=True)
+    for name in ("read", "write", "pending", "do_handshake", "shutdown"):
+        assert callable(getattr(tls, name)), name
+    client = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    client.check_hostname, client.verify_mode = False, ssl.CERT_NONE
+    wrapped = client.wrap_socket(client_sock, do_handshake_on_connect=False)
+
+    def talk() -> None:
+        wrapped.do_handshake()
+        wrapped.sendall(b"over tls")
+
+    done = threading.Thread(target=talk)
+    try:
+        done.start()
+        for _ in range(200):
+            try:
+                tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                time.sleep(0.01)
+        for _ in range(200):
+            try:
+                assert tls.read(100) == b"over tls"
+                break
+            except ssl.SSLWantReadError:
+                time.sleep(0.01)
+        else:
+            raise AssertionError("nothing read")
+        assert tls.pending() == 0 and server_sock.fileno() >= 0  # still the accepted socket
+    finally:
+        done.join(5)
+        wrapped.close()
+        server_sock.close()
+
+
 def test_every_reach_has_its_test() -> None:
     tests = {name[len("test_"):] for name in globals() if name.startswith("test_")}
     assert set(REACHES) <= tests, set(REACHES) - tests
-    assert all(REACHES[name].dependency in ("autobahn", "twisted") for name in REACHES)
+    assert all(REACHES[name].dependency in ("autobahn", "twisted", "stdlib") for name in REACHES)
+    root = Path(__file__).resolve().parents[1] / "peersig"
+    for reach in REACHES.values():  # where each is said to live names code that exists
+        for place in reach.where.split(";"):
+            module, _, names = place.strip().partition(" ")
+            text = (root / module).read_text()
+            for name in names.replace(",", " ").split():
+                assert f"def {name.split('.')[-1]}" in text or \
+                    f"class {name.split('.')[-1]}" in text, (reach.where, name)
+
+
+# -- the public roads: every optional reach off, in a real twistd ---------------------------
+
+
+@pytest.mark.slow
+def test_every_public_road_serves_ws_and_wss(tmp_path: Path) -> None:
+    """With PEERSIG_WITHOUT_REACH naming every optional reach, peersig still opens, relays,
+    pings and closes over ws and wss (slower and bigger, as the figures say)."""
+    from websockets.sync.client import connect
+
+    from peersig.upstream import optional
+    from tests.serverproc import ServerProcess
+    from tests.test_process import recv_json
+    from tests.test_tls import insecure, wss_url
+
+    server = ServerProcess(tmp_path, tls=True,
+                           env={"PEERSIG_WITHOUT_REACH": ",".join(optional())})
+    server.start()
+    try:
+        with connect(server.ws_url("a", token="public")) as a, \
+                connect(wss_url(server, "b", "public"), ssl=insecure()) as b:
+            assert recv_json(a) == {"type": "OPEN"} and recv_json(b) == {"type": "OPEN"}
+            for n in range(50):
+                a.send(f'{{"type":"CANDIDATE","dst":"b","payload":{n}}}')
+            assert [recv_json(b)["payload"] for _ in range(50)] == list(range(50))
+            b.ping().wait(5)
+            b.send('{"type":"OFFER","dst":"a","payload":"x"}')
+            assert recv_json(a)["src"] == "b"
+            a.close(1001)
+            assert recv_json(b) == {"type": "LEAVE", "src": "a"}
+    finally:
+        server.stop()
+    assert "Traceback" not in server.log_tail(400)
+
+
+def test_an_unknown_reach_name_is_a_usage_error(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n",
+         "--pidfile=", "peersig"], capture_output=True, text=True, cwd=tmp_path, timeout=60,
+        env={**__import__("os").environ, "PEERSIG_WITHOUT_REACH": "open_state"})
+    assert result.returncode == 1 and "not an optional reach" in result.stderr

@@ -114,18 +114,21 @@ write_now = _write_now if on("write_now") else _write
 # -- take_transport --------------------------------------------------------------------------
 
 
-def take_transport(transport: Any, protocol: IProtocol) -> None:
-    """Give the connection ``transport`` (which an HTTP channel had) to ``protocol``: reads
-    go to it from now on, and it is connected to the transport.
+def take_transport(transport: Any, protocol: IProtocol, channel: Any) -> None:
+    """Give the connection ``transport``, which the HTTP ``channel`` had, to ``protocol``:
+    reads go to it from now on, and it is connected to the transport.
 
     Twisted has no public way to change the protocol of a connection (its ticket 3204); as
     Autobahn's WebSocketResource does it, a ``tcp.Connection`` reads into its ``protocol``
     attribute, and a TLS wrapper (``ProtocolWrapper``) into its ``wrappedProtocol``. The
-    channel was the transport's producer; unregistered, the channel and its request are not
-    kept alive by the socket for as long as the peer stays (some 4 KB a peer).
+    channel was the transport's producer; unregistered, and its ``requests`` list (where a
+    request that never finishes stays) emptied, the channel and its request are not kept
+    alive by the socket for as long as the peer stays (some 4 KB a peer).
     """
     consumer: IConsumer = transport
     consumer.unregisterProducer()
+    channel.transport = None
+    channel.requests.clear()
     if isinstance(transport, ProtocolWrapper):
         transport.wrappedProtocol = protocol
     elif isinstance(getattr(transport, "protocol", None), ProtocolWrapper):

@@ -300,6 +300,10 @@ class PeerTab:
         """Destroys the Peer; returns the epoch ms just before."""
         return int(self._t("destroy"))
 
+    def send_frame(self, frame: dict[str, Any]) -> None:
+        """A frame through the stock client's signaling socket (an app message)."""
+        self._t("sendFrame", frame)
+
     def disconnect(self) -> int:
         """The stock ``peer.disconnect()``; the epoch ms just before."""
         return int(self._t("disconnect"))

@@ -93,6 +93,9 @@
     }
   };
 
+  // App message types the tests use (peersig's --app-message-type).
+  const APP_TYPES = new Set(["CHAT", "READY"]);
+
   // The value sets of PeerJS's own e2e serialization scenarios (written here afresh), and
   // what each serialization gives back for a value (from what PeerJS 1.5.5 does).
   const bytes = (n, seed) => Uint8Array.from({ length: n }, (_, i) => (i * 7 + seed) & 255);
@@ -152,6 +155,7 @@
       peer.socket.on("message", (m) => record("signal", {
         type: m.type, src: m.src ?? null,
         ...(m.type === "PEERS" ? { peers: m.payload.peers } : {}),
+        ...(APP_TYPES.has(m.type) ? { payload: m.payload ?? null, dst: m.dst ?? null } : {}),
       }));
       peer.on("open", (pid) => {
         document.getElementById("title").textContent = `peer ${pid}`;
@@ -312,6 +316,12 @@
     received: () => Object.fromEntries(inbox),
 
     clearInbox: () => inbox.clear(),
+
+    // A frame of the app's own through the stock client's signaling socket, as an app sends
+    // app messages (peersig's --app-message-type).
+    sendFrame(frame) {
+      peer.socket.send(frame);
+    },
 
     closeConn(remote) {
       conns.get(remote).close();
