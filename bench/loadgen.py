@@ -12,7 +12,10 @@ CPU per message as possible, so that the server, not the generator, is what is m
   one slice; relay frames are recognised by their first bytes, and JSON-decoded only for
   the first relay each peer receives (a full check of ``src``, ``dst`` and ``payload``);
   later relays are checked by length;
-* heartbeats are sent by one ticker in 50 slices of 100 ms, not one timer per peer.
+* heartbeats: by default (``--heartbeats independent``) each peer has its own 5-s timer,
+  started at a random phase, as independent browsers have, so each heartbeat wakes the
+  server on its own; ``--heartbeats sliced`` sends them from one ticker in 50 slices of
+  100 ms, a slice's peers together.
 
 The worker is driven by the orchestrator (``bench/run.py``) with one JSON command per line
 on stdin and answers one JSON line per command on stdout; every answer carries the
@@ -78,7 +81,9 @@ def text_frame(obj: object) -> bytes:
 
 HEARTBEAT_FRAME = text_frame({"type": "HEARTBEAT"})
 EMPTY_PONG = client_frame(10, b"")
-CLOSE_FRAME = client_frame(8, (1000).to_bytes(2, "big"))
+# 1001 (going away): what a browser sends when its page closes, reloads or navigates away,
+# and so what tells peersig that the peer left for good (docs/protocol.md, Departures).
+CLOSE_FRAME = client_frame(8, (1001).to_bytes(2, "big"))
 
 # A plausible SDP-ish string of exactly SDP_LEN bytes.
 _SDP_SEED = (
@@ -126,6 +131,7 @@ class Fleet:
         self.buckets: list[list[Peer]] = [[] for _ in range(50)]
         self.tick = 0
         self.heartbeats = True
+        self.independent = True  # a timer per peer (--heartbeats independent)
         self.answer_pings = True
         # relay state
         self.closed_loop = False
@@ -370,6 +376,15 @@ class Peer(asyncio.Protocol):
         else:
             F.bad_relays += 1
 
+    def beat(self) -> None:
+        """One heartbeat of this peer's own timer, and the next in 5 s."""
+        if self.state != JOINED:
+            return
+        if F.heartbeats and not self.silent:
+            self.transport.write(HEARTBEAT_FRAME)
+            F.heartbeats_sent += 1
+        asyncio.get_running_loop().call_later(5.0, self.beat)
+
     def on_other(self, msg: bytes) -> None:
         try:
             obj = json.loads(msg)
@@ -383,9 +398,12 @@ class Peer(asyncio.Protocol):
                 self.state = JOINED
                 self.joined_at = perf_counter()
                 F.peers[self.id] = self
-                b = (F.tick + 49) % 50  # first heartbeat ~5 s after open, as the browser
-                self.bucket = b
-                F.buckets[b].append(self)
+                if F.independent:  # its own timer, at a random phase of the 5 s
+                    asyncio.get_running_loop().call_later(random.uniform(0, 5.0), self.beat)
+                else:
+                    b = (F.tick + 49) % 50  # first heartbeat ~5 s after open, as the browser
+                    self.bucket = b
+                    F.buckets[b].append(self)
                 if self.opened is not None and not self.opened.done():
                     self.opened.set_result("ok")
         elif mtype in ("ERROR", "ID-TAKEN"):
@@ -737,9 +755,11 @@ class Worker:
         self.reply("vanish_peer", ok=True, address=address, port=port)
 
     async def cmd_churn(self, c: dict) -> None:
-        """For ``duration`` s, ``rate`` times a second: a random joined peer leaves (a clean
-        WebSocket close, or with ``abrupt_share`` a bare TCP close) and a newcomer with a
-        fresh id joins the same room, then sends an OFFER to a room-mate, who answers."""
+        """For ``duration`` s, ``rate`` times a second: a random joined peer leaves (a close
+        1001 as a closed page sends, or with ``abrupt_share`` a bare TCP close, whose seat
+        peersig keeps for the reconnect grace) and a newcomer with a fresh id joins the same
+        room (retrying each second while the room is full, up to ``retry_seconds``), then
+        sends an OFFER to a room-mate, who answers."""
         duration = c["duration"]
         rate = c["rate"]
         abrupt_share = c.get("abrupt_share", 0.1)
@@ -765,12 +785,17 @@ class Worker:
             new = Peer(f"c{cycle}n{gen_counter[0]}r{room}s{slot}", room, f"room{room}")
             F.rooms[room][slot] = new
             r = await open_peer(new, timeout)
-            if r.startswith("ERROR: Room is full"):
-                # The server may not have seen the leaver go yet (a bare TCP close is
-                # noticed a moment later): try once more, as an app would.
+            retry_until = perf_counter() + c.get("retry_seconds", 15.0)
+            tries = 0
+            while r.startswith("ERROR: Room is full") and perf_counter() < retry_until:
+                # The server may not have seen the leaver go yet, or keeps the seat of one
+                # whose connection dropped for a reconnect (peersig's --reconnect-grace):
+                # try again each second, as an app would.
                 stats["retried"] += 1
-                await asyncio.sleep(0.2)
-                new = Peer(f"c{cycle}n{gen_counter[0]}r{room}s{slot}x", room, f"room{room}")
+                tries += 1
+                await asyncio.sleep(0.2 if tries == 1 else 1.0)
+                new = Peer(f"c{cycle}n{gen_counter[0]}r{room}s{slot}x{tries}", room,
+                           f"room{room}")
                 F.rooms[room][slot] = new
                 r = await open_peer(new, timeout)
             if r == "ok":
@@ -871,6 +896,8 @@ def main() -> None:
     ap.add_argument("--sources", default="127.0.0.1",
                     help="comma-separated loopback source addresses to spread sockets over")
     ap.add_argument("--loop", choices=("uvloop", "asyncio"), default="uvloop")
+    ap.add_argument("--heartbeats", choices=("independent", "sliced"), default="independent",
+                    help="a 5-s timer per peer at a random phase, or one ticker in 50 slices")
     ap.add_argument("--tls", action="store_true",
                     help="wss: TLS 1.3 without certificate checks (the server's is self-signed)")
     args = ap.parse_args()
@@ -878,6 +905,7 @@ def main() -> None:
     gc.set_threshold(100_000, 50, 50)
     global F
     F = Fleet(args.host, args.port, args.sources.split(","), args.path)
+    F.independent = args.heartbeats == "independent"
     if args.tls:
         import ssl
 

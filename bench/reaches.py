@@ -1,16 +1,15 @@
-"""What each private reach buys (``peersig/upstream``): peersig with every reach, then with
-each optional one switched off (``PEERSIG_WITHOUT_REACH``), then with all of them off, on the
-same scenarios, in interleaved rounds; the medians, and each figure's change against all on.
+"""What each private reach buys (``peersig/upstream``): for each optional reach, runs of
+peersig with every reach and with that one switched off (``PEERSIG_WITHOUT_REACH``), back to
+back in pairs whose order alternates, so that the machine's slow drift cancels; the median of
+each figure and of the pairs' ratios.
 
-Usage (from the repository root; ~25 min on a quiet 2-core machine)::
+Usage (from the repository root; ~40 min on a quiet 2-core machine)::
 
     python -m bench.reaches                 # writes docs/benchmarks-reaches.md
-    python -m bench.reaches --rounds 1 --no-doc
-    python -m bench.reaches --extra NAME=PATH   # also a checkout at PATH (PYTHONPATH), e.g.
-                                                # one that still uses a removed reach
+    python -m bench.reaches --pairs 2 --reaches write_now --no-doc
 
-Each configuration is one ``python -m bench`` run of peersig alone: connect (CPU and RSS per
-peer), relay (CPU per message) and idle, over ws and wss.
+Each run is one ``python -m bench`` of peersig alone: connect (CPU and RSS per peer) and relay
+(CPU per message), over ws and wss.
 """
 
 from __future__ import annotations
@@ -29,7 +28,7 @@ DOC = ROOT / "docs" / "benchmarks-reaches.md"
 sys.path.insert(0, str(ROOT))
 from peersig.upstream import REACHES, optional  # noqa: E402
 
-# (label, figure key in a bench run, scenario, unit, digits)
+# (label, scenario in a bench run, figure, unit, digits)
 FIGURES = (
     ("relay CPU per message, ws", "relay", "server_us_per_msg", "µs", 1),
     ("relay CPU per message, wss", "wss-relay", "server_us_per_msg", "µs", 1),
@@ -37,55 +36,44 @@ FIGURES = (
     ("CPU per connect, wss", "wss-connect{n}", "cpu_ms_per_connect", "ms", 3),
     ("RSS per peer, ws", "connect{n}", "rss_kib_per_peer", "KiB", 2),
     ("RSS per peer, wss", "wss-connect{n}", "rss_kib_per_peer", "KiB", 2),
-    ("idle CPU, ws", "idle", "server_cpu_pct", "%", 2),
 )
 
 
-def one_run(label: str, env: dict[str, str], args: argparse.Namespace) -> dict:
-    out = RESULTS / "reaches" / f"{label}-{time.strftime('%H%M%S')}.md"
-    out.parent.mkdir(parents=True, exist_ok=True)
+def one_run(off: str, args: argparse.Namespace) -> dict[str, float | None]:
     before = set(RESULTS.glob("run-*.json"))
     command = [sys.executable, "-m", "bench", "--servers", "peersig",
-               "--scenarios", "connect,relay,idle", "--connect-sizes", str(args.peers),
+               "--scenarios", "connect,relay", "--connect-sizes", str(args.peers),
                "--wss-connect-sizes", str(args.peers), "--connect-rounds", "1",
-               "--relay-seconds", str(args.seconds), "--idle-peers", str(args.peers),
-               "--idle-seconds", str(args.seconds), "--doc", str(out)]
+               "--relay-seconds", str(args.seconds), "--no-doc"]
+    env = {**os.environ, "PEERSIG_WITHOUT_REACH": off}
     subprocess.run(command, cwd=ROOT, env=env, check=True, stdout=subprocess.DEVNULL)
     (raw,) = set(RESULTS.glob("run-*.json")) - before
     runs = json.loads(raw.read_text())["runs"]
-    figures = {}
-    for name, scenario, key, _unit, _digits in FIGURES:
-        figures[name] = runs.get(scenario.format(n=args.peers), {}).get("peersig", {}).get(key)
-    log(f"{label}: " + ", ".join(f"{k} {v:.3g}" for k, v in figures.items() if v is not None))
-    return figures
+    return {name: runs.get(scenario.format(n=args.peers), {}).get("peersig", {}).get(key)
+            for name, scenario, key, _unit, _digits in FIGURES}
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m bench.reaches", description=__doc__.split("\n")[0])
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--peers", type=int, default=4000)
-    ap.add_argument("--seconds", type=float, default=8)
-    ap.add_argument("--extra", action="append", default=[], metavar="NAME=PATH")
+    ap = argparse.ArgumentParser(prog="python -m bench.reaches",
+                                 description=__doc__.split("\n")[0])
+    ap.add_argument("--pairs", type=int, default=4)
+    ap.add_argument("--peers", type=int, default=2000)
+    ap.add_argument("--seconds", type=float, default=5)
+    ap.add_argument("--reaches", default=",".join(optional()),
+                    help="optional reaches to measure (default: all)")
     ap.add_argument("--no-doc", action="store_true")
     a = ap.parse_args(argv)
-    configs: dict[str, dict[str, str]] = {"all reaches": {}}
-    for name in optional():
-        configs[f"without {name}"] = {"PEERSIG_WITHOUT_REACH": name}
-    configs["without every optional reach"] = {"PEERSIG_WITHOUT_REACH": ",".join(optional())}
-    for extra in a.extra:
-        name, _, path = extra.partition("=")
-        configs[name] = {"PYTHONPATH": path}
-    results: dict[str, list[dict]] = {label: [] for label in configs}
-    for round_no in range(a.rounds):
-        for label, extra_env in configs.items():
-            log(f"round {round_no + 1}/{a.rounds}: {label}")
-            env = {**os.environ, **extra_env}
-            results[label].append(one_run(label.replace(" ", "_"), env, a))
-    medians = {label: {name: statistics.median(v) if (v := [r[name] for r in runs
-                                                             if r[name] is not None]) else None
-                       for name, *_ in FIGURES}
-               for label, runs in results.items()}
-    res = {"args": vars(a), "rounds": results, "medians": medians,
+    reaches = [r for r in a.reaches.split(",") if r]
+    results: dict[str, list[tuple[dict, dict]]] = {r: [] for r in reaches}
+    for reach in reaches:
+        for n in range(a.pairs):
+            log(f"{reach}: pair {n + 1}/{a.pairs}")
+            order = ("", reach) if n % 2 == 0 else (reach, "")
+            got = {off: one_run(off, a) for off in order}
+            results[reach].append((got[""], got[reach]))
+            log(f"{reach}: " + ", ".join(f"{k} {got[''][k]} -> {got[reach][k]}"
+                                        for k in got[""] if got[""][k] is not None))
+    res = {"args": vars(a), "pairs": results,
            "reaches": {n: REACHES[n]._asdict() for n in REACHES}}
     raw = RESULTS / f"reaches-{time.strftime('%Y%m%d-%H%M%S')}.json"
     raw.write_text(json.dumps(res, indent=1))
@@ -97,30 +85,32 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def render(res: dict) -> str:
-    medians = res["medians"]
-    base = medians["all reaches"]
     a = res["args"]
     lines = ["# What each private reach buys", "",
-             f"`python -m bench.reaches` ({a['rounds']} interleaved rounds, medians; "
-             f"{a['peers']} peers connected, relay and idle windows of {a['seconds']} s; "
-             "peersig alone). Each row switches reaches off with `PEERSIG_WITHOUT_REACH`; the "
-             "change is against all reaches on (positive: the reach saves that much). The "
-             "required reaches (`peersig/upstream/__init__.py`) have no switch.", "",
-             "| configuration | " + " | ".join(f"{n} ({u})" for n, _s, _k, u, _d in FIGURES)
-             + " |",
+             f"`python -m bench.reaches`: for each optional reach, {a['pairs']} pairs of runs "
+             f"of peersig alone ({a['peers']} peers connected, relay windows of "
+             f"{a['seconds']} s), one with every reach and one with that reach switched off "
+             "(`PEERSIG_WITHOUT_REACH`), back to back, the order alternating. Each cell: the "
+             "median with the reach, the median without it, and the median of the pairs' "
+             "ratios (without / with) with their range. The required reaches "
+             "(`peersig/upstream/__init__.py`) have no switch; what they buy is said there.",
+             "", "| reach | " + " | ".join(f"{n} ({u})" for n, _s, _k, u, _d in FIGURES) + " |",
              "|---|" + "---|" * len(FIGURES)]
-    for label, figures in medians.items():
+    for reach, pairs in res["pairs"].items():
         cells = []
         for name, _s, _k, _u, digits in FIGURES:
-            value, ref = figures.get(name), base.get(name)
-            if value is None:
+            both = [(on[name], off[name]) for on, off in pairs
+                    if on[name] is not None and off[name] is not None]
+            if not both:
                 cells.append("n/a")
-            elif label == "all reaches" or not ref:
-                cells.append(f"{value:.{digits}f}")
-            else:
-                cells.append(f"{value:.{digits}f} ({(value - ref) / ref * 100:+.0f}%)")
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    lines += ["", "Every round's figures are in the raw results (`bench/results/reaches-*.json`)."]
+                continue
+            ratios = [off / on for on, off in both if on]
+            with_, without = (statistics.median(x) for x in zip(*both, strict=True))
+            cells.append(f"{with_:.{digits}f} → {without:.{digits}f}, "
+                         f"×{statistics.median(ratios):.2f} "
+                         f"({min(ratios):.2f}-{max(ratios):.2f})")
+        lines.append(f"| `{reach}` | " + " | ".join(cells) + " |")
+    lines += ["", "Every pair's figures are in the raw results (`bench/results/reaches-*.json`)."]
     return "\n".join(lines)
 
 

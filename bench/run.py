@@ -286,8 +286,12 @@ class Server:
         if self.kind == "peersig":
             port = (f"ssl:{self.port}:interface=127.0.0.1:privateKey={key}:certKey={cert}"
                     if self.tls else f"tcp:{self.port}:interface=127.0.0.1")
-            return ["twistd", "-n", "--pidfile=", "peersig", "--port", port,
-                    "--max-peers", "30000", "--max-peers-per-ip", "0", *self.extra]
+            # This Python's twistd, whether or not its venv is on the PATH.
+            twistd = Path(sys.executable).with_name("twistd")
+            return [str(twistd) if twistd.exists() else "twistd", "-n", "--pidfile=",
+                    "peersig", "--port", port,
+                    "--max-peers", "30000", "--max-peers-per-ip", "0", *self.extra,
+                    *getattr(self.args, "peersig_args", [])]
         tls = ["--sslkey", str(key), "--sslcert", str(cert)] if self.tls else []
         return ["node", str(NODE_DIR / "node_modules" / "peer" / "dist" / "bin" / "peerjs.js"),
                 "--port", str(self.port), "--host", "127.0.0.1",
@@ -331,6 +335,18 @@ class Server:
         with open(f"/proc/{self.pid}/stat") as f:
             fields = f.read().rsplit(")", 1)[1].split()
         return int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK
+
+    def cpu_exact(self) -> float:
+        """Seconds on a CPU of all the process's threads, from the scheduler's own clock
+        (``/proc/PID/task/*/schedstat``, nanoseconds): exact where utime and stime are
+        sampled at each timer tick, which a process waking briefly a few hundred times a
+        second can mostly miss or mostly hit."""
+        total = 0
+        for task in os.listdir(f"/proc/{self.pid}/task"):
+            with contextlib.suppress(OSError), \
+                    open(f"/proc/{self.pid}/task/{task}/schedstat") as f:
+                total += int(f.read().split()[0])
+        return total / 1e9
 
     def _status_kib(self, field: str) -> int:
         with open(f"/proc/{self.pid}/status") as f:
@@ -508,6 +524,7 @@ class Fleet:
                 sys.executable, str(BENCH / "loadgen.py"), "--port", str(self.port),
                 "--sources", mine, "--loop", self.args.loop,
                 *(["--tls"] if getattr(self.args, "tls", False) else []),
+                "--heartbeats", getattr(self.args, "heartbeats", "independent"),
                 stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
                 limit=256 * 1024 * 1024)
             self.workers.append(Worker(proc, i))
@@ -773,10 +790,12 @@ async def scenario_idle(kind: str, args) -> dict:
         await asyncio.sleep(args.idle_settle)
         m0 = await fleet.mark()
         u0, s0 = srv.cpu()
+        x0 = srv.cpu_exact()
         rss0 = srv.rss_kib()
         st0 = cpu_times()
         t0 = time.monotonic()
         await asyncio.sleep(args.idle_seconds)
+        x1 = srv.cpu_exact()
         u1, s1 = srv.cpu()
         st1 = cpu_times()
         t1 = time.monotonic()
@@ -788,7 +807,10 @@ async def scenario_idle(kind: str, args) -> dict:
             **await vanished,
             "softirq_pct": softirq_pct(st0, st1),
             "peers": c["ok"], "connect_failed": c["failed"], "seconds": secs,
-            "server_cpu_pct": ((u1 - u0) + (s1 - s0)) / secs * 100,
+            "heartbeat_model": args.heartbeats,
+            # CPU from schedstat (exact); the user/system split from the tick-sampled stat.
+            "server_cpu_pct": (x1 - x0) / secs * 100,
+            "server_cpu_ticks_pct": ((u1 - u0) + (s1 - s0)) / secs * 100,
             "server_user_pct": (u1 - u0) / secs * 100,
             "server_sys_pct": (s1 - s0) / secs * 100,
             "rss_kib_start": rss0, "rss_kib": rss1,
@@ -1216,6 +1238,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                          "%% of the server's or the generator's CPU during its window (steal)")
     ap.add_argument("--retries", type=int, default=None,
                     help="extra attempts per scenario (default 2, quick 0)")
+    ap.add_argument("--peersig-arg", action="append", default=[], dest="peersig_args",
+                    help="one more option for peersig's command line (repeatable), e.g. "
+                         "--peersig-arg=--poll-coalesce=5")
     ap.add_argument("--doc", default=None, help="report path (default docs/benchmarks.md)")
     ap.add_argument("--no-doc", action="store_true")
     a = ap.parse_args(argv)
@@ -1314,9 +1339,16 @@ async def amain(args: argparse.Namespace) -> dict:
                         for kind in kinds:
                             plan.append((f"{prefix}latency#{i + 1}", kind,
                                          (scenario_latency, kind, targs)))
+                elif sc == "idle":
+                    # Independent heartbeats (a timer per peer, as browsers), the headline;
+                    # then the older sliced model (one ticker, 50 slices of 100 ms) beside it.
+                    for model, suffix in (("independent", ""), ("sliced", "-sliced")):
+                        margs = argparse.Namespace(**{**vars(targs), "heartbeats": model})
+                        for kind in args.servers:
+                            plan.append((prefix + sc + suffix, kind,
+                                         (scenario_idle, kind, margs)))
                 else:
-                    fn = {"relay": scenario_relay, "idle": scenario_idle,
-                          "churn": scenario_churn}[sc]
+                    fn = {"relay": scenario_relay, "churn": scenario_churn}[sc]
                     for kind in args.servers:
                         plan.append((prefix + sc, kind, (fn, kind, targs)))
         for name, kind, (fn, *fargs) in plan:  # type: ignore[misc]
@@ -1465,8 +1497,9 @@ def _summary(name: str, r: dict) -> str:
         return (f"{r['msgs_per_s']:.0f} msg/s, rtt p50 {r['rtt_ms_p50']:.2f} p99 "
                 f"{r['rtt_ms_p99']:.2f} max {r['rtt_ms_max']:.2f} ms, server "
                 f"{r['server_cpu_pct']:.0f}%")
-    if name == "idle":
-        return (f"{r['peers']} peers, {r['server_cpu_pct']:.2f}% CPU, "
+    if name in ("idle", "idle-sliced"):
+        return (f"{r['peers']} peers, {r['server_cpu_pct']:.2f}% CPU "
+                f"({r['heartbeats_per_s']:.0f} heartbeats/s, {r['heartbeat_model']}), "
                 f"{r['rss_kib'] / 1024:.1f} MiB, drops {r['drops']}, silent peer dropped "
                 f"after {r['silent_dropped_after_s']}")
     if name == "churn":
