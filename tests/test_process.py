@@ -76,6 +76,7 @@ def test_help_lists_every_option_with_its_default() -> None:
     (["--room-by", "room"], {}, "must be one of token, key, none"),
     (["--keepalive", "1"], {}, "must be 0 (off) or at least 3"),
     (["--ping-interval", "9"], {}, "--alive-timeout must exceed"),
+    (["--poll-coalesce", "150"], {}, "--poll-coalesce is at most 100 ms"),
     (["--auth", "nonsense"], {}, "no such authorizer"),
     (["--auth", "hmac"], {}, "--auth hmac needs --secret-file"),
     (["--secret-file", "/nonexistent/secret"], {}, "--secret-file"),
@@ -300,6 +301,27 @@ def test_an_allowlist_opens_exactly_its_origins(tmp_path: Path) -> None:
             _status, headers, _ = proc.get("/peerjs/id", {"Origin": origin})
             assert (headers.get("Access-Control-Allow-Origin") == origin) == (
                 origin in ("null", "file://")), origin
+    finally:
+        proc.stop()
+
+
+def test_a_server_gathering_arrivals_at_rest_relays_every_message_in_order(
+        tmp_path: Path) -> None:
+    """--poll-coalesce: messages sent at rest (each one a wakeup of its own) and in a
+    burst all arrive, in order; the log says the reactor gathers."""
+    proc = ServerProcess(tmp_path, ["--poll-coalesce", "20"])
+    proc.start()
+    try:
+        assert "arrivals gather for up to 20 ms" in proc.log_path.read_text()
+        with connect(proc.ws_url("alice")) as a, connect(proc.ws_url("bob")) as b:
+            assert a.recv(timeout=5) == '{"type":"OPEN"}'
+            assert b.recv(timeout=5) == '{"type":"OPEN"}'
+            for n in range(12):
+                if n < 6:
+                    time.sleep(0.03)  # at rest: the server gathers
+                a.send(json.dumps({"type": "CANDIDATE", "dst": "bob", "payload": {"n": n}}))
+            for n in range(12):
+                assert recv_json(b)["payload"] == {"n": n}
     finally:
         proc.stop()
 

@@ -76,8 +76,8 @@ def test_lean_reactor_changes_only_a_plain_epoll_reactor() -> None:
     reactor = EPollReactor()
     try:
         assert lighten(reactor)
-        assert type(reactor) is LeanEPollReactor
-        assert not lighten(reactor)
+        assert type(reactor) is LeanEPollReactor and reactor.coalesce == 0.0
+        assert lighten(reactor, 0.02) and reactor.coalesce == 0.02  # already lean: retuned
         assert not lighten(Clock())
     finally:
         reactor._poller.close()
@@ -134,6 +134,119 @@ def test_lean_reactor_logs_an_error_from_connection_lost_and_serves_the_others()
         for a, b in pairs:
             a.close()
             b.close()
+
+
+class FakeTime:
+    """``time`` for the gathering reactor: each poll seems to wait ``waited`` s; sleeps are
+    recorded, not slept."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.waited = 0.0
+        self.sleeps: list[float] = []
+        self._calls = 0
+
+    def monotonic(self) -> float:
+        self._calls += 1
+        if self._calls % 2 == 0:  # the reading after a poll
+            self.now += self.waited
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+
+
+@pytest.fixture
+def gathering(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[EPollReactor, FakeTime, Any]]:
+    """A lean reactor gathering for 10 ms, on fake time, and a way to make N descriptors
+    readable."""
+    from peersig.upstream import twisted as reach
+
+    fake = FakeTime()
+    monkeypatch.setattr(reach, "time", fake)
+    reactor = EPollReactor()
+    lighten(reactor, 0.010)
+    pairs = [socket.socketpair() for _ in range(60)]
+    readers = [Reader(a) for a, _ in pairs]
+    for r in readers:
+        reactor.addReader(r)  # type: ignore[arg-type]
+
+    def arrive(n: int) -> None:
+        for _, far in pairs[:n]:
+            far.send(b"x")
+
+    try:
+        yield reactor, fake, arrive
+    finally:
+        reactor.removeAll()
+        reactor._poller.close()
+        for a, b in pairs:
+            a.close()
+            b.close()
+
+
+def test_lean_reactor_gathers_the_arrivals_of_a_server_at_rest(
+        gathering: tuple[Any, FakeTime, Any]) -> None:
+    from peersig.upstream.twisted import REST
+
+    reactor, fake, arrive = gathering
+    arrive(1)
+    fake.waited = REST / 2  # a lone event that came at once: a busy moment, no gathering
+    reactor.doPoll(1.0)
+    assert not reactor._gathering and fake.sleeps == []
+    arrive(1)
+    fake.waited = REST  # one event after a wait: at rest
+    reactor.doPoll(1.0)
+    assert reactor._gathering and fake.sleeps == []
+    arrive(3)  # the next round sleeps first, then takes all three in one poll
+    reactor.doPoll(1.0)
+    assert fake.sleeps == [0.010] and reactor._gathering
+    reactor.doPoll(0.004)  # never past the next timer
+    assert fake.sleeps == [0.010, 0.004]
+    assert not reactor._gathering  # that round brought nothing: the next poll waits again
+    reactor.doPoll(0.0)
+    assert fake.sleeps == [0.010, 0.004]
+
+
+def test_lean_reactor_stops_gathering_when_busy(gathering: tuple[Any, FakeTime, Any]) -> None:
+    from peersig.upstream.twisted import BUSY, REST
+
+    reactor, fake, arrive = gathering
+    arrive(1)
+    fake.waited = REST
+    reactor.doPoll(1.0)
+    assert reactor._gathering
+    busy = int(0.010 * BUSY) + 1
+    assert busy <= 60
+    arrive(busy)
+    reactor.doPoll(1.0)
+    assert fake.sleeps == [0.010] and not reactor._gathering
+    arrive(1)
+    fake.waited = 0.0
+    reactor.doPoll(1.0)  # no sleep while busy
+    assert fake.sleeps == [0.010]
+
+
+def test_lean_reactor_without_coalesce_never_sleeps(monkeypatch: pytest.MonkeyPatch) -> None:
+    from peersig.upstream import twisted as reach
+
+    fake = FakeTime()
+    fake.waited = 1.0
+    monkeypatch.setattr(reach, "time", fake)
+    reactor = EPollReactor()
+    lighten(reactor)
+    a, b = socket.socketpair()
+    try:
+        reactor.addReader(Reader(a))  # type: ignore[arg-type]
+        for _ in range(3):
+            b.send(b"x")
+            reactor.doPoll(1.0)
+        assert fake.sleeps == [] and not reactor._gathering
+    finally:
+        reactor.removeAll()
+        reactor._poller.close()
+        a.close()
+        b.close()
 
 
 def test_lean_reactor(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -7,6 +7,7 @@ test is in ``tests/test_upstream.py`` under the same name.
 from __future__ import annotations
 
 import errno
+import time
 from typing import Any
 
 from twisted.internet.epollreactor import EPollReactor
@@ -36,13 +37,37 @@ class LeanEPollReactor(EPollReactor):
     under ``log.callWithLogger``.
     """
 
+    # Seconds the arrivals of a server at rest may gather before they are served (doPoll);
+    # 0 = none. Set by ``lighten``.
+    coalesce = 0.0
+    _gathering = False
+
     def doPoll(self, timeout: float | None) -> None:
+        """One poll and the handling of its events.
+
+        With ``coalesce``, a server at rest gathers arrivals. A poll that waited at least
+        ``REST`` s for a single event (each heartbeat of an independent peer waking the
+        server on its own) starts gathering: each later round sleeps ``coalesce`` (never
+        past the next timer) and then takes whatever arrived, in one wakeup. Gathering
+        ends when a round brings nothing (the next poll waits again) or more than
+        ``coalesce * BUSY`` events (a busy server: it serves each event as it comes, so
+        its latency is not traded). Each event waits at most ``coalesce`` s."""
+        coalesce = self.coalesce
+        gathering = self._gathering
+        if gathering and (timeout is None or timeout > 0):
+            time.sleep(coalesce if timeout is None else min(coalesce, timeout))
+            timeout = 0
+        started = time.monotonic() if coalesce and not gathering else 0.0
         try:
             events = self._poller.poll(-1 if timeout is None else timeout, len(self._selectables))
         except OSError as err:
             if err.errno == errno.EINTR:
                 return
             raise
+        if gathering:
+            self._gathering = 0 < len(events) <= coalesce * BUSY
+        elif coalesce:
+            self._gathering = len(events) == 1 and time.monotonic() - started >= REST
         selectables = self._selectables
         handle = self._doReadOrWrite
         for fd, event in events:
@@ -58,6 +83,13 @@ class LeanEPollReactor(EPollReactor):
     doIteration = doPoll
 
 
+# A poll that waited this long (seconds) for its one event finds the server at rest.
+REST = 0.001
+# Events per second above which a gathering round finds the server busy (a round of
+# ``coalesce`` s bringing more than ``coalesce * BUSY`` events ends gathering).
+BUSY = 5000
+
+
 def _prefix(selectable: Any) -> str:
     try:
         return str(selectable.logPrefix())
@@ -65,12 +97,15 @@ def _prefix(selectable: Any) -> str:
         return "(buggy logPrefix method)"
 
 
-def lighten(reactor: Any) -> bool:
-    """Make a running plain ``EPollReactor`` a ``LeanEPollReactor`` (it adds no state, only
-    a method); any other reactor is left alone, as is every reactor with ``lean_reactor``
-    off. True if it changed."""
+def lighten(reactor: Any, coalesce: float = 0.0) -> bool:
+    """Make a running plain ``EPollReactor`` a ``LeanEPollReactor`` (only its class changes),
+    gathering the arrivals of a server at rest for ``coalesce`` seconds (0 = never). Any
+    other reactor is left alone, as is every reactor with ``lean_reactor`` off. True if the
+    reactor is lean (now or already)."""
     if type(reactor) is EPollReactor and on("lean_reactor"):
         reactor.__class__ = LeanEPollReactor
+    if isinstance(reactor, LeanEPollReactor):
+        reactor.coalesce = coalesce
         return True
     return False
 
