@@ -90,6 +90,18 @@ class Table:
         self.rows.append(f"| **{title}** | | | | | |")
 
 
+def idle_rows(t: Table, runs: dict, scenario: str, target: float) -> None:
+    """Server CPU at rest (schedstat) against the target ratio, the sliced heartbeats' figure
+    beside it when that scenario ran, and RSS."""
+    t.row("server CPU, % of one core (schedstat)", scenario, "server_cpu_pct", 2,
+          f"≤ {target:.1f}×", "lower", target)
+    if f"{scenario}-sliced" in runs:
+        t.row("the same with heartbeats sent in 50 slices of 100 ms, % of one core",
+              f"{scenario}-sliced", "server_cpu_pct", 2)
+    t.row("server RSS, MiB", scenario, "rss_kib", 1,
+          fmt=lambda v: _num(v / 1024 if v else None, 1))
+
+
 def render(res: dict, raw_path: Path | None = None) -> str:
     m = res["machine"]
     runs = res["runs"]
@@ -196,13 +208,7 @@ def render(res: dict, raw_path: Path | None = None) -> str:
     if "idle" in runs:
         t.section(f"idle: {a['idle_peers']:,} peers heartbeating every 5 s on a timer each "
                   f"(a random phase, as independent browsers), {a['idle_seconds']:g} s")
-        t.row("server CPU, % of one core (schedstat)", "idle", "server_cpu_pct", 2, "≤ 1.0×",
-              "lower", 1.0)
-        if "idle-sliced" in runs:
-            t.row("the same with heartbeats sent in 50 slices of 100 ms, % of one core",
-                  "idle-sliced", "server_cpu_pct", 2)
-        t.row("server RSS, MiB", "idle", "rss_kib", 1,
-              fmt=lambda v: _num(v / 1024 if v else None, 1))
+        idle_rows(t, runs, "idle", 1.0)
         t.row("WebSocket pings from the server per second", "idle", "pings_per_s", 0)
         t.row("softirq, all CPUs, % of one core (kernel: loopback packets, keepalive timers)",
               "idle", "softirq_pct", 2)
@@ -365,13 +371,7 @@ def wss_section(res: dict) -> list[str]:
     if "wss-idle" in runs:
         t.section(f"wss idle: {a['idle_peers']:,} peers heartbeating every 5 s on a timer "
                   f"each, {a['idle_seconds']:g} s")
-        t.row("server CPU, % of one core (schedstat)", "wss-idle", "server_cpu_pct", 2, "≤ 0.6×",
-              "lower", 0.6)
-        if "wss-idle-sliced" in runs:
-            t.row("the same with heartbeats sent in 50 slices of 100 ms, % of one core",
-                  "wss-idle-sliced", "server_cpu_pct", 2)
-        t.row("server RSS, MiB", "wss-idle", "rss_kib", 1,
-              fmt=lambda v: _num(v / 1024 if v else None, 1))
+        idle_rows(t, runs, "wss-idle", 0.6)
         t.row("peers dropped that were heartbeating", "wss-idle", "drops", 0)
 
         def per_beat(sc: str, kind: str) -> float | None:
