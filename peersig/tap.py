@@ -108,8 +108,8 @@ class Options(usage.Options):
          "its integrity hash]."],
         ["poll-coalesce", None, 0.0,
          "Milliseconds a server at rest lets arrivals gather before it serves them, so that "
-         "heartbeats of independent peers share a wakeup (each message waits at most this "
-         "long; a busy server never waits); 0 = off.", _non_negative_float],
+         "heartbeats of independent peers share a wakeup (a message waits about this long "
+         "at most; a busy server does not gather); 0 = off.", _non_negative_float],
         ["reconnect-grace", None, 10.0,
          "Seconds a peer whose socket closed without leaving for good (peer.disconnect(), a "
          "cut connection) keeps its id and seat; a reconnect within them is silent (no LEAVE, "

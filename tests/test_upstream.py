@@ -137,27 +137,49 @@ def test_lean_reactor_logs_an_error_from_connection_lost_and_serves_the_others()
 
 
 class FakeTime:
-    """``time`` for the gathering reactor: each poll seems to wait ``waited`` s; sleeps are
-    recorded, not slept."""
+    """``time`` for the gathering reactor: sleeps are recorded, not slept; each poll seems to
+    wait ``waited`` s (``Poller``), and a ``SlowReader`` takes ``serving`` s."""
 
     def __init__(self) -> None:
         self.now = 0.0
         self.waited = 0.0
+        self.serving = 0.0
         self.sleeps: list[float] = []
-        self._calls = 0
 
     def monotonic(self) -> float:
-        self._calls += 1
-        if self._calls % 2 == 0:  # the reading after a poll
-            self.now += self.waited
         return self.now
 
     def sleep(self, seconds: float) -> None:
         self.sleeps.append(seconds)
+        self.now += seconds
+
+
+class Poller:
+    """The reactor's epoll, answering at once, with each timeout asked recorded."""
+
+    def __init__(self, real: Any, fake: FakeTime) -> None:
+        self.real, self.fake = real, fake
+        self.timeouts: list[float] = []
+
+    def poll(self, timeout: float, maxevents: int) -> list[tuple[int, int]]:
+        self.timeouts.append(timeout)
+        self.fake.now += self.fake.waited
+        return list(self.real.poll(0, maxevents))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.real, name)
+
+
+class SlowReader(Reader):
+    fake: FakeTime
+
+    def doRead(self) -> None:
+        super().doRead()
+        self.fake.now += self.fake.serving
 
 
 @pytest.fixture
-def gathering(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[EPollReactor, FakeTime, Any]]:
+def gathering(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Any, FakeTime, Poller, Any]]:
     """A lean reactor gathering for 10 ms, on fake time, and a way to make N descriptors
     readable."""
     from peersig.upstream import twisted as reach
@@ -165,73 +187,85 @@ def gathering(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[EPollReactor, F
     fake = FakeTime()
     monkeypatch.setattr(reach, "time", fake)
     reactor = EPollReactor()
+    real = reactor._poller
+    poller = Poller(real, fake)
+    reactor._poller = poller
     lighten(reactor, 0.010)
     pairs = [socket.socketpair() for _ in range(60)]
-    readers = [Reader(a) for a, _ in pairs]
-    for r in readers:
-        reactor.addReader(r)  # type: ignore[arg-type]
+    SlowReader.fake = fake
+    for a, _ in pairs:
+        reactor.addReader(SlowReader(a))  # type: ignore[arg-type]
 
     def arrive(n: int) -> None:
         for _, far in pairs[:n]:
             far.send(b"x")
 
     try:
-        yield reactor, fake, arrive
+        yield reactor, fake, poller, arrive
     finally:
         reactor.removeAll()
-        reactor._poller.close()
+        real.close()
         for a, b in pairs:
             a.close()
             b.close()
 
 
 def test_lean_reactor_gathers_the_arrivals_of_a_server_at_rest(
-        gathering: tuple[Any, FakeTime, Any]) -> None:
+        gathering: tuple[Any, FakeTime, Poller, Any]) -> None:
     from peersig.upstream.twisted import REST
 
-    reactor, fake, arrive = gathering
+    reactor, fake, poller, arrive = gathering
+    for waited in (REST / 2, 0.050):  # a busy moment; arrivals sparser than one per round
+        arrive(1)
+        fake.waited = waited
+        reactor.doPoll(1.0)
+        assert not reactor._gathering and fake.sleeps == []
     arrive(1)
-    fake.waited = REST / 2  # a lone event that came at once: a busy moment, no gathering
-    reactor.doPoll(1.0)
-    assert not reactor._gathering and fake.sleeps == []
-    arrive(1)
-    fake.waited = REST  # one event after a wait: at rest
+    fake.waited = REST  # one event after a short wait: the server at rest, gathering
     reactor.doPoll(1.0)
     assert reactor._gathering and fake.sleeps == []
-    arrive(3)  # the next round sleeps first, then takes all three in one poll
+    fake.waited = 0.0
+    arrive(3)  # the next round sleeps first, then takes all three without waiting
     reactor.doPoll(1.0)
-    assert fake.sleeps == [0.010] and reactor._gathering
-    reactor.doPoll(0.004)  # never past the next timer
-    assert fake.sleeps == [0.010, 0.004]
-    assert not reactor._gathering  # that round brought nothing: the next poll waits again
-    reactor.doPoll(0.0)
-    assert fake.sleeps == [0.010, 0.004]
+    assert fake.sleeps == [0.010] and poller.timeouts[-1] == 0 and reactor._gathering
+    reactor.doPoll(0.004)  # never past the next timer; a round cut short ends nothing
+    assert fake.sleeps == [0.010, 0.004] and reactor._gathering
+    reactor.doPoll(0.0)  # a timer due: no sleep, and gathering goes on
+    assert fake.sleeps == [0.010, 0.004] and reactor._gathering
+    reactor.doPoll(None)  # no timer at all: a whole round, and it brought nothing
+    assert fake.sleeps == [0.010, 0.004, 0.010] and poller.timeouts[-1] == 0
+    assert not reactor._gathering
+    reactor.doPoll(0.001)  # the next poll waits again
+    assert fake.sleeps == [0.010, 0.004, 0.010] and poller.timeouts[-1] == 0.001
 
 
-def test_lean_reactor_stops_gathering_when_busy(gathering: tuple[Any, FakeTime, Any]) -> None:
+@pytest.mark.parametrize("busy", ["ready descriptors", "serving time"])
+def test_lean_reactor_stops_gathering_when_busy(
+        gathering: tuple[Any, FakeTime, Poller, Any], busy: str) -> None:
     from peersig.upstream.twisted import BUSY, REST
 
-    reactor, fake, arrive = gathering
+    reactor, fake, poller, arrive = gathering
     arrive(1)
     fake.waited = REST
     reactor.doPoll(1.0)
     assert reactor._gathering
-    busy = int(0.010 * BUSY) + 1
-    assert busy <= 60
-    arrive(busy)
+    fake.waited = 0.0
+    if busy == "ready descriptors":
+        arrive(int(0.010 * BUSY) + 1)
+    else:
+        arrive(2)
+        fake.serving = 0.003  # 6 ms of a 10 ms round
     reactor.doPoll(1.0)
     assert fake.sleeps == [0.010] and not reactor._gathering
     arrive(1)
-    fake.waited = 0.0
     reactor.doPoll(1.0)  # no sleep while busy
-    assert fake.sleeps == [0.010]
+    assert fake.sleeps == [0.010] and poller.timeouts[-1] == 1.0
 
 
 def test_lean_reactor_without_coalesce_never_sleeps(monkeypatch: pytest.MonkeyPatch) -> None:
     from peersig.upstream import twisted as reach
 
     fake = FakeTime()
-    fake.waited = 1.0
     monkeypatch.setattr(reach, "time", fake)
     reactor = EPollReactor()
     lighten(reactor)

@@ -77,7 +77,7 @@ REACHES = {
         "EPollReactor.doPoll is _poller.poll, then _doReadOrWrite under callWithLogger per "
         "ready descriptor",
         "relay CPU per message x1.71 ws (23.4 -> 41.1 us), x1.25 wss (38.3 -> 41.8 us), "
-        "medians of 4 paired runs",
+        "medians of 4 paired runs; and --poll-coalesce: wss idle CPU 4.8% -> 2.9% at 20 ms",
         True),
     "write_now": Reach(
         "twisted", "upstream/twisted.py _write_now",

@@ -30,7 +30,8 @@ class LeanEPollReactor(EPollReactor):
     so that wrapper is pure cost on its hottest path (every frame in, every pong); this
     calls the same ``_doReadOrWrite`` directly, and keeps the wrapper's other duty: an error
     that escapes it (from a ``connectionLost``) is logged, naming the connection, and the
-    other ready descriptors are still served.
+    other ready descriptors are still served. With ``coalesce`` (``--poll-coalesce``) it also
+    gathers the arrivals of a server at rest (``doPoll``).
 
     Assumes ``EPollReactor.doPoll`` is: ``self._poller.poll(timeout, len(self._selectables))``,
     then for each (fd, event) ``self._doReadOrWrite(self._selectables[fd], fd, event)``
@@ -46,28 +47,34 @@ class LeanEPollReactor(EPollReactor):
         """One poll and the handling of its events.
 
         With ``coalesce``, a server at rest gathers arrivals. A poll that waited at least
-        ``REST`` s for a single event (each heartbeat of an independent peer waking the
-        server on its own) starts gathering: each later round sleeps ``coalesce`` (never
-        past the next timer) and then takes whatever arrived, in one wakeup. Gathering
-        ends when a round brings nothing (the next poll waits again) or more than
-        ``coalesce * BUSY`` events (a busy server: it serves each event as it comes, so
-        its latency is not traded). Each event waits at most ``coalesce`` s."""
+        ``REST`` s, but less than ``coalesce``, for a single event (the heartbeats of
+        independent peers, each waking the server on its own, coming faster than one per
+        ``coalesce``) starts gathering: each later round sleeps ``coalesce`` (never past
+        the next timer) and then serves whatever arrived, in one wakeup. Gathering ends
+        when a whole round brings nothing (the next poll waits again), or finds the server
+        busy: more than ``coalesce * BUSY`` ready descriptors, or serving them took half a
+        round; a busy server serves each event as it comes. An event waits at most
+        ``coalesce`` plus the serving of one round."""
         coalesce = self.coalesce
         gathering = self._gathering
+        slept = 0.0
         if gathering and (timeout is None or timeout > 0):
-            time.sleep(coalesce if timeout is None else min(coalesce, timeout))
+            slept = coalesce if timeout is None else min(coalesce, timeout)
+            time.sleep(slept)
             timeout = 0
-        started = time.monotonic() if coalesce and not gathering else 0.0
+        started = time.monotonic() if coalesce else 0.0
         try:
             events = self._poller.poll(-1 if timeout is None else timeout, len(self._selectables))
         except OSError as err:
             if err.errno == errno.EINTR:
                 return
             raise
-        if gathering:
-            self._gathering = 0 < len(events) <= coalesce * BUSY
-        elif coalesce:
-            self._gathering = len(events) == 1 and time.monotonic() - started >= REST
+        if coalesce:
+            ready = len(events)
+            if not gathering:
+                self._gathering = ready == 1 and REST <= time.monotonic() - started < coalesce
+            elif ready > coalesce * BUSY or (ready == 0 and slept == coalesce):
+                self._gathering = gathering = False
         selectables = self._selectables
         handle = self._doReadOrWrite
         for fd, event in events:
@@ -79,14 +86,16 @@ class LeanEPollReactor(EPollReactor):
                     raise
                 except BaseException:
                     log.err(system=_prefix(selectable))
+        if gathering and time.monotonic() - started > coalesce / 2:
+            self._gathering = False
 
     doIteration = doPoll
 
 
 # A poll that waited this long (seconds) for its one event finds the server at rest.
 REST = 0.001
-# Events per second above which a gathering round finds the server busy (a round of
-# ``coalesce`` s bringing more than ``coalesce * BUSY`` events ends gathering).
+# Ready descriptors per second above which a gathering round finds the server busy (a
+# round of ``coalesce`` s bringing more than ``coalesce * BUSY`` of them ends gathering).
 BUSY = 5000
 
 
