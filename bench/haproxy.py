@@ -67,11 +67,20 @@ def haproxy_version(binary: str) -> tuple[int, int]:
     return int(m.group(1)), int(m.group(2))
 
 
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
+    """A free loopback port that no earlier call in this process returned. The kernel may
+    give the port it just freed to the next bind, and two nodes of one test once got the
+    same port: one served, the other exited, and the test met a single node twice."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port: int = s.getsockname()[1]
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
 
 
 def _section(text: str, header: str) -> tuple[int, int]:

@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import vanish
+from bench.haproxy import free_port
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
@@ -253,12 +254,6 @@ def steal_pct(a: dict[str, list[int]], b: dict[str, list[int]], cpu: int | None)
     d = [y - x for x, y in zip(a[name], b[name], strict=False)]
     total = sum(d)
     return d[7] / total * 100 if total else 0.0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def cpu_affinity_ok() -> bool:

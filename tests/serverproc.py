@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,6 +16,8 @@ import urllib.request
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+from bench.haproxy import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -31,13 +32,6 @@ def stop_process(proc: subprocess.Popen[Any], timeout: float = 10) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def make_self_signed_cert(folder: Path, name: str = "") -> tuple[Path, Path]:
@@ -99,7 +93,8 @@ class ServerProcess:
                                    f"{self.log_tail()}")
             try:
                 self.get_json("/health")
-                return
+                if self.proc.poll() is None:  # ours answered, not another on its port
+                    return
             except (OSError, ValueError):
                 if time.monotonic() > deadline:
                     self.stop()
