@@ -236,16 +236,20 @@ class Hub:
             return Refusal("invalid_room", E_INVALID_ROOM)
         if not valid_id(req.id):
             return Refusal("invalid_id", E_INVALID_ID)
-        if self.bans:
-            ban = self.bans.get((name, req.id))
-            if ban is not None and now < ban[0]:
-                return Refusal("banned", ban[1])
+        ban = self._ban(name, req.id, now)
+        if ban is not None:
+            return Refusal("banned", ban)
         verdict = cfg.authorizer.authorize(req, name, cfg, now)
         if verdict.later is not None:
             return Pending(verdict.later)
         if not verdict.allowed:
             return Refusal("unauthorized", verdict.message)
         return name, verdict
+
+    def _ban(self, room: str, peer_id: str, now: float) -> str | None:
+        """The reason ``peer_id`` is banned from ``room`` now, or None."""
+        ban = self.bans.get((room, peer_id)) if self.bans else None
+        return ban[1] if ban is not None and now < ban[0] else None
 
     def join(self, transport: PeerTransport, req: JoinRequest) -> Session | None:
         """Register a peer, or reject it with an ERROR frame and a close."""
@@ -267,9 +271,9 @@ class Hub:
                 self._reject(transport, req, "invalid_room", E_INVALID_ROOM)
                 return None
             name = self.match_room(match, req.id, size)
-            ban = self.bans.get((name, req.id)) if self.bans else None
-            if ban is not None and now < ban[0]:
-                self._reject(transport, req, "banned", ban[1])
+            ban = self._ban(name, req.id, now)
+            if ban is not None:
+                self._reject(transport, req, "banned", ban)
                 return None
         room = self.rooms.get(name)
         holder = room.peers.get(req.id) if room is not None else None
