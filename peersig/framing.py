@@ -13,6 +13,8 @@ from __future__ import annotations
 import base64
 import hashlib
 
+from .upstream.autobahn import NVX_MIN, nvx_unmasker
+
 # RFC 6455 section 1.3.
 WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 # An empty ping, FIN set (section 5.5.2).
@@ -26,10 +28,16 @@ def accept_key(key: str) -> str:
     return base64.b64encode(hashlib.sha1(key.encode() + WS_GUID).digest()).decode()
 
 
+_native_unmask = nvx_unmasker()
+
+
 def unmask(mask: bytes, payload: bytes) -> bytes:
-    """XOR a client frame's payload with its 4-byte mask (section 5.3), as one big-integer
-    operation (faster here than Autobahn's CFFI masker for signaling-sized frames)."""
+    """XOR a client frame's payload with its 4-byte mask (section 5.3): from ``NVX_MIN``
+    bytes on in Autobahn's compiled masker where it has one (``upstream.autobahn``), below
+    that (and without it) as one big-integer operation, which is as fast for short frames."""
     size = len(payload)
+    if size >= NVX_MIN and _native_unmask is not None:
+        return _native_unmask(mask, payload)
     key = int.from_bytes((mask * ((size >> 2) + 1))[:size], "little")
     return (int.from_bytes(payload, "little") ^ key).to_bytes(size, "little")
 

@@ -35,7 +35,7 @@ def test_the_accept_key_of_the_rfc_example() -> None:
     assert accept_key("dGhlIHNhbXBsZSBub25jZQ==") == "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
 
 
-@pytest.mark.parametrize("size", [0, 1, 3, 4, 5, 125, 126, 1200, 65536])
+@pytest.mark.parametrize("size", [0, 1, 3, 4, 5, 125, 126, 127, 128, 1200, 65536])
 def test_unmask_matches_the_rfc(size: int) -> None:
     payload, mask = os.urandom(size), os.urandom(4)
     assert unmask(mask, payload) == bytes(b ^ mask[i % 4] for i, b in enumerate(payload))

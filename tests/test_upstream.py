@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import random
 import socket
 import time
 from collections.abc import Iterator
@@ -38,6 +39,7 @@ from peersig.upstream.autobahn import (
     between_frames,
     enter_open,
     lighten_open,
+    nvx_unmasker,
     options_on_class,
     prepare_class,
     send_close,
@@ -635,6 +637,28 @@ def test_ssl_object(tmp_path: Path) -> None:
         done.join(5)
         wrapped.close()
         server_sock.close()
+
+
+def test_nvx_unmask() -> None:
+    """Autobahn's compiled masker XORs with the mask from its first byte on, at any length
+    and alignment; from Autobahn 25 on its wheels ship it (24 has none: then there is no
+    unmasker and framing.unmask stays on big integers)."""
+    import autobahn
+
+    unmask = nvx_unmasker()
+    if unmask is None:
+        version = tuple(int(part) for part in autobahn.__version__.split(".")[:2])
+        assert version < (25, 0), f"Autobahn {autobahn.__version__} without _nvx_xormasker"
+        return
+    rng = random.Random(6455)
+    for size in (0, 1, 3, 4, 5, 15, 16, 17, 31, 32, 33, 63, 64, 65, 127, 128, 1000, 4099):
+        mask = rng.randbytes(4)
+        payload = rng.randbytes(size)
+        view = memoryview(b"x" + payload)[1:]  # a payload that starts unaligned
+        expected = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+        assert unmask(mask, payload) == expected, size
+        assert unmask(mask, bytes(view)) == expected, size
+        assert type(unmask(mask, payload)) is bytes
 
 
 def test_every_reach_has_its_test() -> None:
