@@ -102,7 +102,20 @@ def idle_rows(t: Table, runs: dict, scenario: str, target: float) -> None:
           fmt=lambda v: _num(v / 1024 if v else None, 1))
 
 
-def render(res: dict, raw_path: Path | None = None) -> str:
+def charts_section(charts: list[tuple[str, str]], folder: str) -> list[str]:
+    """Links to the SVG charts ``bench.charts`` drew, beside the tables they picture."""
+    if not charts:
+        return []
+    out = ["## Charts", "",
+           "Drawn by `bench/charts.py` from the figures above (peersig in blue, the reference "
+           "in orange).", ""]
+    for title, name in charts:
+        out += [f"![{title}]({folder}/{name})", ""]
+    return out
+
+
+def render(res: dict, raw_path: Path | None = None,
+           charts: list[tuple[str, str]] | None = None, chart_folder: str = "") -> str:
     m = res["machine"]
     runs = res["runs"]
     a = res["args"]
@@ -266,6 +279,7 @@ def render(res: dict, raw_path: Path | None = None) -> str:
     w("")
     if any(sc.startswith("wss-") for sc in runs):
         out.extend(wss_section(res))
+    out.extend(charts_section(charts or [], chart_folder))
     loads = []
     for sc, per in runs.items():
         for kind in ("peersig", "reference"):
@@ -618,8 +632,17 @@ def appendices() -> str:
 
 
 def write_report(res: dict, path: Path, raw_path: Path | None = None) -> None:
+    """``path`` (docs/benchmarks.md) from a run's results, its charts as SVG files in the
+    folder named after it (docs/benchmarks/)."""
+    try:
+        from .charts import draw, ensure_matplotlib
+    except ImportError:  # run as a script: python bench/run.py
+        from charts import draw, ensure_matplotlib  # type: ignore[no-redef]
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(render(res, raw_path) + "\n" + appendices() + "\n")
+    folder = path.with_suffix("")
+    charts = draw(res, folder) if ensure_matplotlib() else []
+    path.write_text(render(res, raw_path, charts, folder.name) + "\n" + appendices() + "\n")
 
 
 def refresh_appendices(path: Path = ROOT / "docs" / "benchmarks.md") -> None:
