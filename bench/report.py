@@ -42,10 +42,25 @@ def _check(ok: bool | None) -> str:
     return "yes" if ok else "**no**"
 
 
+def _median(values: list[float]) -> float:
+    ordered = sorted(values)
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+
+
 class Table:
-    def __init__(self, runs: dict) -> None:
+    """Rows of the results table. With ``repeats`` (``merge_repeats``: each figure of each
+    run), a row's cells give the median and, in brackets, the spread (lowest to highest);
+    its ratio is the median of the runs' own ratios, and its target is met only when it is
+    met in every run."""
+
+    def __init__(self, runs: dict, repeats: dict | None = None) -> None:
         self.runs = runs
+        self.repeats = repeats or {}
         self.rows: list[str] = []
+
+    def each_run(self, scenario: str, server: str, key: str) -> list:
+        return self.repeats.get(scenario, {}).get(server, {}).get(key, [])
 
     def get(self, scenario: str, server: str, key: str):
         r = self.runs.get(scenario, {}).get(server)
@@ -62,12 +77,40 @@ class Table:
         p = self.get(scenario, "peersig", key)
         r = self.get(scenario, "reference", key)
         f = fmt or (lambda v: _num(v, digits))
+        ps, rs = self.each_run(scenario, "peersig", key), self.each_run(scenario, "reference", key)
+        if len(ps) > 1 or len(rs) > 1:
+            self._spread_row(label, ps, rs, f, target, better, limit)
+            return
         met = None
         if better and limit is not None and p is not None and r:
             q = p / r
             met = q <= limit if better == "lower" else q >= limit
         self.rows.append(f"| {label} | {f(p)} | {f(r)} | {_ratio(p, r)} | {target} "
                          f"| {_check(met)} |")
+
+    def _spread_row(self, label: str, ps: list, rs: list, f, target: str,
+                    better: str | None, limit: float | None) -> None:
+        def cell(vs: list) -> str:
+            got = [v for v in vs if v is not None]
+            if not got:
+                return "—"
+            if len(got) == 1:
+                return f(got[0])
+            return f"{f(_median(got))} ({f(min(got))}–{f(max(got))})"
+
+        # The runs' own ratios: run i's peersig against run i's reference.
+        ratios = [p / r for p, r in zip(ps, rs, strict=False) if p is not None and r]
+        ratio = "—"
+        if ratios:
+            ratio = f"{_median(ratios):.2f}×"
+            if len(ratios) > 1:
+                ratio += f" ({min(ratios):.2f}–{max(ratios):.2f}×)"
+        met_text = ""
+        if better and limit is not None and ratios:
+            met_in = sum(1 for q in ratios if (q <= limit if better == "lower" else q >= limit))
+            met_text = f"{_check(met_in == len(ratios))} ({met_in} of {len(ratios)})"
+        self.rows.append(f"| {label} | {cell(ps)} | {cell(rs)} | {ratio} | {target} "
+                         f"| {met_text} |")
 
     def raw(self, label: str, p: str, r: str, ratio: str = "", target: str = "",
             met: bool | None = None) -> None:
@@ -135,6 +178,11 @@ def render(res: dict, raw_path: Path | None = None,
     cmds = res.get("commands") or [res["command"]]
     if len(cmds) == 1:
         w(f"- **Command:** `{cmds[0]}` (from the repository root).")
+    elif res.get("repeats"):
+        w(f"- **Commands:** {len(cmds)} runs of `{cmds[0]}` (from the repository root), "
+          "each against fresh servers; each figure below is the median of the runs, with "
+          "their spread (lowest–highest) in brackets, and each ratio the median of the "
+          "runs' own ratios.")
     else:
         w("- **Commands** (from the repository root; the later ones re-ran some scenarios, "
           "whose figures replace the earlier ones): "
@@ -164,7 +212,7 @@ def render(res: dict, raw_path: Path | None = None,
     w("")
     w("| Metric | peersig | reference | ratio | target | met |")
     w("|---|---:|---:|---:|---|---|")
-    t = Table(runs)
+    t = Table(runs, res.get("repeats"))
     for n in a["sizes"]:
         sc = f"connect{n}"
         if sc not in runs:
@@ -346,7 +394,7 @@ def wss_section(res: dict) -> list[str]:
            "issue 12's.", "",
            "| Metric | peersig | reference | ratio | target | met |",
            "|---|---:|---:|---:|---|---|"]
-    t = Table(runs)
+    t = Table(runs, res.get("repeats"))
     cells: dict[tuple[str, str], float | None] = {}
     for n in a.get("wss_sizes", []):
         sc = f"wss-connect{n}"
@@ -666,14 +714,46 @@ def merge(results: list[dict]) -> dict:
     return out
 
 
+def merge_repeats(results: list[dict]) -> dict:
+    """Runs of the same scenarios, one figure set: each number is the median of the runs
+    that have it, and ``repeats`` keeps every run's (scenario -> server -> key -> values, in
+    run order, None where a run lacks it) for ``Table`` to show the spread."""
+    out = json.loads(json.dumps(results[0]))
+    out["commands"] = [r["command"] for r in results]
+    out["total_seconds"] = sum(r.get("total_seconds", 0) for r in results)
+    repeats: dict = {}
+    for sc, per in out["runs"].items():
+        for server, fig in per.items():
+            if not isinstance(fig, dict):
+                continue
+            for key, value in fig.items():
+                if not isinstance(value, (int, float)) or isinstance(value, bool):
+                    continue
+                values = []
+                for res in results:
+                    v = res.get("runs", {}).get(sc, {}).get(server, {}).get(key)
+                    ok = isinstance(v, (int, float)) and not isinstance(v, bool)
+                    values.append(v if ok else None)
+                got = [v for v in values if v is not None]
+                fig[key] = _median(got)
+                repeats.setdefault(sc, {}).setdefault(server, {})[key] = values
+    out["repeats"] = repeats
+    return out
+
+
 def main(argv: list[str]) -> None:
     import argparse
 
     ap = argparse.ArgumentParser(prog="python -m bench.report")
     ap.add_argument("runs", nargs="+", type=Path)
     ap.add_argument("-o", "--out", type=Path, default=ROOT / "docs" / "benchmarks.md")
+    ap.add_argument("--repeats", action="store_true",
+                    help="the runs are repeats of the same scenarios: report each figure's "
+                         "median and spread (otherwise a later run's scenarios replace an "
+                         "earlier one's)")
     a = ap.parse_args(argv)
-    res = merge([json.loads(p.read_text()) for p in a.runs])
+    loaded = [json.loads(p.read_text()) for p in a.runs]
+    res = merge_repeats(loaded) if a.repeats else merge(loaded)
     write_report(res, a.out, a.runs[-1] if len(a.runs) == 1 else None)
     if len(a.runs) > 1:
         with open(a.out, "a") as f:

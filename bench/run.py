@@ -155,12 +155,15 @@ def ensure_uvloop() -> bool:
 
 
 def ensure_pyspy() -> str | None:
-    exe = shutil.which("py-spy")
+    # pip puts the binary beside this Python (a virtual environment's bin/), which need
+    # not be on PATH.
+    path = os.pathsep.join((str(Path(sys.executable).parent), os.environ.get("PATH", "")))
+    exe = shutil.which("py-spy", path=path)
     if exe:
         return exe
     log("py-spy missing: pip install py-spy")
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "py-spy"])
-    return shutil.which("py-spy")
+    return shutil.which("py-spy", path=path)
 
 
 # Processes of this benchmark (servers, generator workers, py-spy): CPU they use is ours.
