@@ -664,6 +664,7 @@ APPENDICES = (
     (ROOT / "docs" / "benchmarks-soak.md", "python -m bench.soak"),
     (ROOT / "docs" / "benchmarks-storm.md", "python -m bench.storm"),
     (ROOT / "docs" / "benchmarks-reaches.md", "python -m bench.reaches"),
+    (ROOT / "docs" / "benchmarks-idle.md", "hand, with the commands it gives"),
 )
 APPENDIX_MARK = "<!-- from docs/benchmarks-"
 
