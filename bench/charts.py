@@ -64,7 +64,7 @@ def _idle(runs: dict) -> tuple[str, Any] | None:
         return None
     import matplotlib.pyplot as plt
 
-    peers = next((_get(runs, sc, "peersig", "peers") for _, sc in cases), None)
+    peers = next((v for _, sc in cases if (v := _get(runs, sc, "peersig", "peers"))), None)
     fig, ax = plt.subplots(figsize=(7, 3.6))
     _bars(ax, [g for g, _ in cases],
           {s: [_get(runs, sc, s, "server_cpu_pct") for _, sc in cases] for s, _ in SERVERS},
@@ -117,7 +117,8 @@ def _latency(runs: dict) -> tuple[str, Any] | None:
     _bars(ax, groups, {s: [_get(runs, sc, s, key) for _, sc in cases for _, key in keys]
                        for s, _ in SERVERS}, "round trip, ms")
     ax.set_yscale("log")
-    rate = next((_get(runs, sc, "peersig", "offered_msgs_per_s") for _, sc in cases), None)
+    rate = next((v for _, sc in cases
+                 if (v := _get(runs, sc, "peersig", "offered_msgs_per_s"))), None)
     title = "Latency: round trip (two relays) at " + \
         (f"{int(rate):,} relayed msg/s offered" if rate else "the offered rate")
     ax.set_title(title, fontsize=10)
@@ -138,7 +139,11 @@ def draw(res: dict, outdir: Path) -> list[tuple[str, str]]:
     outdir.mkdir(parents=True, exist_ok=True)
     written = []
     for name, make in (("idle", _idle), ("relay", _relay), ("latency", _latency)):
-        chart = make(res["runs"])
+        try:
+            chart = make(res["runs"])
+        except Exception as e:  # a chart lost must not lose the report
+            print(f"bench.charts: {name} not drawn: {e!r}", file=sys.stderr)
+            continue
         if chart is None:
             continue
         title, fig = chart

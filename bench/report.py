@@ -182,7 +182,8 @@ def render(res: dict, raw_path: Path | None = None,
         w(f"- **Commands:** {len(cmds)} runs of `{cmds[0]}` (from the repository root), "
           "each against fresh servers; each figure below is the median of the runs, with "
           "their spread (lowest–highest) in brackets, and each ratio the median of the "
-          "runs' own ratios.")
+          "runs' own ratios. Rows built from nested figures (each round of a scenario, the "
+          "generator's status) and the text outside the tables are the first run's.")
     else:
         w("- **Commands** (from the repository root; the later ones re-ran some scenarios, "
           "whose figures replace the earlier ones): "
@@ -722,22 +723,26 @@ def merge_repeats(results: list[dict]) -> dict:
     out = json.loads(json.dumps(results[0]))
     out["commands"] = [r["command"] for r in results]
     out["total_seconds"] = sum(r.get("total_seconds", 0) for r in results)
+
+    def number(v: object) -> float | None:
+        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+        return v if ok else None  # type: ignore[return-value]
+
     repeats: dict = {}
-    for sc, per in out["runs"].items():
-        for server, fig in per.items():
-            if not isinstance(fig, dict):
-                continue
-            for key, value in fig.items():
-                if not isinstance(value, (int, float)) or isinstance(value, bool):
+    for res in results:  # every scenario, server and figure any run has
+        for sc, per in res.get("runs", {}).items():
+            for server, fig in per.items():
+                if not isinstance(fig, dict):
                     continue
-                values = []
-                for res in results:
-                    v = res.get("runs", {}).get(sc, {}).get(server, {}).get(key)
-                    ok = isinstance(v, (int, float)) and not isinstance(v, bool)
-                    values.append(v if ok else None)
-                got = [v for v in values if v is not None]
-                fig[key] = _median(got)
-                repeats.setdefault(sc, {}).setdefault(server, {})[key] = values
+                merged = out["runs"].setdefault(sc, {}).setdefault(server, {})
+                for key, value in fig.items():
+                    if number(value) is None:
+                        merged.setdefault(key, value)
+                        continue
+                    values = [number(r.get("runs", {}).get(sc, {}).get(server, {}).get(key))
+                              for r in results]
+                    merged[key] = _median([v for v in values if v is not None])
+                    repeats.setdefault(sc, {}).setdefault(server, {})[key] = values
     out["repeats"] = repeats
     return out
 

@@ -1,6 +1,7 @@
 """RFC 6455 framing for the frames a PeerJS peer exchanges, as pure functions on bytes.
 
-No I/O and no state: ``websocket.py`` feeds it what a socket read and writes what it builds.
+No I/O and no state: ``websocket.py`` feeds it what a socket read and writes what it builds
+(``unmask`` picks Autobahn's compiled masker for long frames once, at import).
 Only the common case is handled here: complete, unfragmented, masked text frames and empty
 pongs from the client; unmasked text frames, pings and the opening handshake's accept key
 from the server. Anything else (fragments, control frames with a body, a close, a frame cut

@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from peersig import framing
 from peersig.framing import PING_FRAME, PONG, accept_key, split_frames, text_frame, unmask
 
 
@@ -36,7 +37,10 @@ def test_the_accept_key_of_the_rfc_example() -> None:
 
 
 @pytest.mark.parametrize("size", [0, 1, 3, 4, 5, 125, 126, 127, 128, 1200, 65536])
-def test_unmask_matches_the_rfc(size: int) -> None:
+@pytest.mark.parametrize("native", [True, False], ids=["as-installed", "big-integer"])
+def test_unmask_matches_the_rfc(size: int, native: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    if not native:
+        monkeypatch.setattr(framing, "_native_unmask", None)
     payload, mask = os.urandom(size), os.urandom(4)
     assert unmask(mask, payload) == bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
 

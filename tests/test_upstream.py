@@ -32,7 +32,7 @@ from twisted.internet.testing import MemoryReactor, StringTransport
 from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
 
-from peersig.upstream import REACHES
+from peersig.upstream import REACHES, on
 from peersig.upstream.autobahn import (
     NONE_WHILE_OPEN,
     UNUSED_WHILE_OPEN,
@@ -641,24 +641,39 @@ def test_ssl_object(tmp_path: Path) -> None:
 
 def test_nvx_unmask() -> None:
     """Autobahn's compiled masker XORs with the mask from its first byte on, at any length
-    and alignment; from Autobahn 25 on its wheels ship it (24 has none: then there is no
-    unmasker and framing.unmask stays on big integers)."""
+    and at any alignment of the buffer, and leaves the bytes around it alone; Autobahn 25 and
+    later ship it (24 has none: then there is no unmasker, and framing.unmask stays on big
+    integers)."""
     import autobahn
 
     unmask = nvx_unmasker()
-    if unmask is None:
+    if not on("nvx_unmask"):
+        assert unmask is None
+        return
+    try:
+        from _nvx_xormasker import ffi, lib
+    except ImportError:
         version = tuple(int(part) for part in autobahn.__version__.split(".")[:2])
         assert version < (25, 0), f"Autobahn {autobahn.__version__} without _nvx_xormasker"
+        assert unmask is None
         return
     rng = random.Random(6455)
     for size in (0, 1, 3, 4, 5, 15, 16, 17, 31, 32, 33, 63, 64, 65, 127, 128, 1000, 4099):
         mask = rng.randbytes(4)
         payload = rng.randbytes(size)
-        view = memoryview(b"x" + payload)[1:]  # a payload that starts unaligned
         expected = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
-        assert unmask(mask, payload) == expected, size
-        assert unmask(mask, bytes(view)) == expected, size
-        assert type(unmask(mask, payload)) is bytes
+        if unmask is not None:  # None only with AUTOBAHN_USE_NVX=0
+            assert unmask(mask, payload) == expected, size
+            assert type(unmask(mask, payload)) is bytes
+        for offset in range(16):  # the buffer at every alignment of a 16-byte SIMD load
+            buffer = bytearray(b"\xaa" * offset + payload + b"\x55" * 16)
+            masker = lib.nvx_xormask_new(mask)
+            assert masker != ffi.NULL
+            try:
+                lib.nvx_xormask_process(masker, ffi.from_buffer(buffer) + offset, size)
+            finally:
+                lib.nvx_xormask_free(masker)
+            assert bytes(buffer) == b"\xaa" * offset + expected + b"\x55" * 16, (size, offset)
 
 
 def test_every_reach_has_its_test() -> None:
