@@ -57,6 +57,11 @@ class Root(Resource):
 
     def render(self, request: Request) -> Any:
         raw = request.path.decode("utf-8", "replace")
+        if not raw:
+            # "GET ?x" has no path, and an origin-form target starts with "/" at least
+            # (RFC 9112 section 3.2.1); Twisted passes it on with an empty path.
+            request.setResponseCode(400)
+            return b""
         if raw == self.path + "peerjs":
             return self._upgrade(request)
         self._cors(request)

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from twisted.application.internet import StreamServerEndpointService
 from twisted.internet.address import IPv4Address
@@ -720,6 +720,7 @@ _PIECES = ["GET", "HTTP/1.1", "HTTP/1.0", "/peerjs", "?", "#", ";", ":", ",", " 
 
 
 @settings(suppress_health_check=[HealthCheck.function_scoped_fixture])
+@example(edits=[(4, 0, "?")])  # "GET ?/peerjs?...": no path at all, once answered 200
 @given(edits=st.lists(st.tuples(st.integers(0, len(BROWSER)), st.integers(0, 8),
                                 st.sampled_from(_PIECES) | st.text(max_size=4)),
                       min_size=1, max_size=4))
