@@ -26,12 +26,14 @@ import math
 from typing import Any
 from urllib.parse import unquote
 
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.resource import Resource
-from twisted.web.server import Request, Site
+from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from .rooms import Hub, Room
-from .session import AWAY
+from .session import AWAY, Session
 
 log = Logger()
 
@@ -61,7 +63,7 @@ class AdminRoot(Resource):
         self.hub = hub
         self.expected = b"Bearer " + token
 
-    def render(self, request: Request) -> bytes:
+    def render(self, request: Request) -> bytes | int:
         request.setHeader(b"content-type", b"application/json")
         request.setHeader(b"cache-control", b"no-store")
         given = request.getHeader(b"authorization") or b""
@@ -70,11 +72,31 @@ class AdminRoot(Resource):
             return self._error(request, 401, "A valid bearer token is required")
         try:
             parts = [unquote(p, errors="strict") for p in request.path.decode().split("/")[1:]]
-            return json.dumps(self._route(request, request.method, parts)).encode()
+            answer = self._route(request, request.method, parts)
         except UnicodeDecodeError:
             return self._error(request, 400, "The path is not UTF-8")
         except AdminError as e:
             return self._error(request, e.status, str(e))
+        if not isinstance(answer, Deferred):
+            return json.dumps(answer).encode()
+        # --cluster: the answer needs Redis (cluster.Link).
+        finished = request.notifyFinish()
+        finished.addErrback(lambda _: None)
+
+        def write(body: bytes) -> None:
+            if not finished.called:
+                request.write(body)
+                request.finish()
+
+        def failed(failure: Failure) -> bytes:
+            error = failure.value
+            if isinstance(error, AdminError):
+                return self._error(request, error.status, str(error))
+            log.warn("admin: the cluster did not answer: {e}", e=failure.getErrorMessage())
+            return self._error(request, 503, "The cluster's Redis did not answer")
+
+        answer.addCallback(lambda a: json.dumps(a).encode()).addErrback(failed).addCallback(write)
+        return NOT_DONE_YET
 
     def _error(self, request: Request, status: int, message: str) -> bytes:
         request.setResponseCode(status)
@@ -89,6 +111,8 @@ class AdminRoot(Resource):
             request.setHeader(b"allow", b", ".join(allowed))
             raise AdminError(405, "Method not allowed")
         hub = self.hub
+        if len(parts) == 1 and hub.cluster is not None:
+            return hub.cluster.rooms().addCallback(self._all_rooms)
         if len(parts) == 1:
             return {"rooms": [{"room": hub.public_name(room),
                                "peers": len(room.peers) + len(room.away),
@@ -109,6 +133,18 @@ class AdminRoot(Resource):
                  room=room.tag, peers=removed)
         return {"removed": removed}
 
+    def _all_rooms(self, counts: dict[str, int]) -> Any:
+        """--cluster: ``GET /rooms`` from Redis, every node's rooms (``created`` null for
+        a room with no member on this node)."""
+        hub = self.hub
+        rooms = []
+        for key, peers in sorted(counts.items()):
+            local = hub.rooms.get(key)
+            rooms.append({"room": hub.config.key if hub.config.room_by == "none" else key,
+                          "peers": peers,
+                          "created": _ms(local.created) if local is not None else None})
+        return {"rooms": rooms}
+
     def _describe(self, room: Room) -> Any:
         show_address = self.hub.config.log_peers
         peers = []
@@ -126,6 +162,8 @@ class AdminRoot(Resource):
         ban = self._ban_seconds(request)
         session = (room.peers.get(peer_id) or room.away.get(peer_id)) if room is not None \
             else None
+        if hub.cluster is not None and (session is None or ban is not None):
+            return self._remove_anywhere(name, peer_id, reason, ban, session)
         if session is None and ban is None:
             raise AdminError(404, "No such peer in that room")
         answer: dict[str, Any] = {"removed": session is not None}
@@ -141,6 +179,35 @@ class AdminRoot(Resource):
                  room=session.room.tag if session else "-", ban=ban,
                  **({"peer": peer_id} if hub.config.log_peers else {}))
         return answer
+
+    def _remove_anywhere(self, name: str, peer_id: str, reason: str, ban: float | None,
+                         session: Session | None) -> Deferred[Any]:
+        """--cluster: the ban goes to Redis (every node, and past restarts), and a peer not
+        connected here is removed by the node it is connected to."""
+        hub = self.hub
+        link = hub.cluster
+        assert link is not None
+        key = hub.room_key(name)
+        assert key is not None
+        answer: dict[str, Any] = {}
+
+        def removed(found: bool) -> Any:
+            if not found and ban is None:
+                raise AdminError(404, "No such peer in that room")
+            answer["removed"] = found
+            if ban is None:
+                return answer
+            until = hub.clock.seconds() + ban
+            answer["banned_until"] = _ms(until)
+            return link.ban(key, peer_id, ban, reason).addCallback(lambda _: answer)
+
+        if session is not None:
+            hub.remove(session, reason)
+            d: Deferred[bool] = Deferred()
+            d.callback(True)
+        else:
+            d = link.remove(key, peer_id, reason)
+        return d.addCallback(removed)
 
     def _reason(self, request: Request) -> str:
         raw = request.args.get(b"reason")

@@ -71,6 +71,8 @@ class Config:
     drain_timeout: float = 5.0
     handshake_timeout: float = 5.0
     log_peers: bool = False
+    # --cluster: the Redis URL the nodes of a cluster share (cluster.py); None = one process.
+    cluster: str | None = None
 
     @property
     def dead_after(self) -> float:

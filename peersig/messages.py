@@ -57,6 +57,8 @@ E_ADDRESS_FULL: Final = "Too many connections from your address"
 E_RATE_LIMIT: Final = "Rate limit exceeded"
 E_INTERNAL: Final = "Internal server error"
 E_ID_TAKEN: Final = "ID is taken"
+# --cluster: Redis cannot be asked who holds an id (docs/scaling.md); sent with close 1013.
+E_CLUSTER: Final = "Server is unavailable, try again later"
 
 
 def room_full_text(size: int) -> str:
@@ -70,6 +72,7 @@ CLOSE_UNSUPPORTED: Final = 1003
 CLOSE_POLICY: Final = 1008
 CLOSE_TOO_BIG: Final = 1009
 CLOSE_INTERNAL: Final = 1011
+CLOSE_TRY_AGAIN: Final = 1013
 
 MAX_ID_LENGTH: Final = 64
 MAX_ROOM_LENGTH: Final = 128

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import uuid
-from typing import Any, NamedTuple, Protocol
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -23,7 +23,9 @@ from .messages import (
     CLOSE_INTERNAL,
     CLOSE_NORMAL,
     CLOSE_POLICY,
+    CLOSE_TRY_AGAIN,
     E_ADDRESS_FULL,
+    E_CLUSTER,
     E_INTERNAL,
     E_INVALID_ID,
     E_INVALID_KEY,
@@ -48,6 +50,9 @@ from .messages import (
 )
 from .session import AWAY, CLOSED, DETACHED, MAX_CONTACTS, OPEN, PeerTransport, Session
 from .stats import Stats
+
+if TYPE_CHECKING:
+    from .cluster import Claim, Link
 
 log = Logger()
 
@@ -82,13 +87,15 @@ class Refusal(NamedTuple):
 class OfflineQueue:
     """Messages for one id that is not connected (yet) in its room."""
 
-    __slots__ = ("created", "frames", "nbytes", "told")
+    __slots__ = ("created", "frames", "nbytes", "origins", "told")
 
     def __init__(self, now: float) -> None:
         self.created = now
         self.frames: list[tuple[str, bytes]] = []  # (sender id, ready frame)
         self.nbytes = 0
         self.told: set[str] = set()  # senders already sent their EXPIRE
+        # --cluster: the node of each sender connected elsewhere (who gets its EXPIRE).
+        self.origins: dict[str, str] | None = None
 
 
 # PeerJS's heartbeat interval (peerjs 1.5.5, PeerOptions.pingInterval, 5000 ms): a member of a
@@ -196,6 +203,11 @@ class Hub:
         # LEAVE on departure goes to the whole room, except in ``none`` mode, where the
         # "room" is everyone and only the peers one talked to are told.
         self._track_contacts = config.room_by == "none"
+        # --cluster (cluster.Link, set by the service): the questions one process cannot
+        # answer alone. None: this process is the whole server.
+        self.cluster: Link | None = None
+        # (room, id) of the joins waiting on a cluster claim.
+        self.claiming: set[tuple[str, str]] = set()
 
     # -- joining ---------------------------------------------------------------------------
 
@@ -310,11 +322,88 @@ class Hub:
             silent = [s for s in room.peers.values() if now - s.last_seen > HEARTBEAT_INTERVAL]
             self._contend(transport, req, (name, ""), silent, now)
             return None
+        if self.cluster is not None:
+            self._claim(transport, req, name, size, verdict)
+            return None
         if room is None:
             room = self._open_room(name, now, size, match)
         session = Session(self, transport, room, req.id, req.token, req.address, now)
         self._register(session, "opened")
         return session
+
+    def _claim(self, transport: PeerTransport, req: JoinRequest, name: str, size: int,
+               verdict: Verdict) -> None:
+        """--cluster: a place no local peer holds is asked of Redis (``cluster.Link.claim``),
+        where another node's peer may hold the id or fill the room. The newcomer waits as
+        on the authorizer. Redis unreachable: ERROR and close 1013, so the client (or the
+        load balancer) tries again; the decided policy of docs/scaling.md."""
+        link = self.cluster
+        assert link is not None
+        key = (name, req.id)
+        if key in self.claiming:
+            self._refuse(transport, req, key)  # a newcomer on this node asked first
+            return
+        if not link.ok:
+            self._unavailable(transport, req)
+            return
+        mode = self.config.room_by
+        # Who may replace a holder on another node: the authorizer's grant, else (not in
+        # token mode, where the token names the room) a newcomer with the holder's token.
+        takeover = "2" if verdict.takeover else "0" if mode == "token" else "1"
+        self.claiming.add(key)
+        self.waiting[transport] = None
+        d = link.claim(name, req.id, req.token, size, takeover,
+                       self.config.room_events and mode != "none")
+
+        def answered(claim: Claim) -> None:
+            self.claiming.discard(key)
+            won = claim.outcome in ("ok", "takeover")
+            if transport not in self.waiting or self.waiting[transport] is not None:
+                if won:
+                    link.unclaim(name, req.id, claim.row)  # the newcomer left meanwhile
+                return
+            del self.waiting[transport]
+            if self.draining:
+                if won:
+                    link.unclaim(name, req.id, claim.row)
+                transport.close_with(CLOSE_GOING_AWAY, "Server shutting down")
+            elif claim.outcome == "taken":
+                self._refuse(transport, req, key)
+            elif claim.outcome == "full":
+                self._reject(transport, req, "room_full", room_full_text(size))
+            elif claim.outcome == "banned":
+                self._reject(transport, req, "banned", claim.row)
+            elif not won:
+                self._unavailable(transport, req)
+            else:
+                now = self.clock.seconds()
+                room = self.rooms.get(name)
+                if room is None:
+                    room = self._open_room(name, now, size, None)
+                session = Session(self, transport, room, req.id, req.token, req.address, now)
+                outcome = "opened" if claim.old is None else "takeover"
+                if claim.old is not None:
+                    self.stats.takeovers["cluster"] += 1
+                self._register(session, outcome, claim.members if claim.members else None)
+                link.joined(session, claim.row, claim.old)
+                transport.attach(session)
+
+        def failed(failure: Any) -> None:
+            self.claiming.discard(key)
+            log.warn("cluster: a claim failed: {e}", e=failure.getErrorMessage())
+            if self.waiting.get(transport, False) is None:
+                del self.waiting[transport]
+                self._unavailable(transport, req)
+
+        d.addCallbacks(answered, failed).addErrback(
+            lambda f: log.failure("cluster: a claim's answer failed", failure=f))
+
+    def _unavailable(self, transport: PeerTransport, req: JoinRequest) -> None:
+        self.stats.connections["cluster_unavailable"] += 1
+        log.info("join rejected: {reason}", event="reject", reason="cluster_unavailable",
+                 **self._who(req.id, req.address))
+        transport.send_frame(error_frame(E_CLUSTER))
+        transport.close_with(CLOSE_TRY_AGAIN, E_CLUSTER)
 
     def _room_size(self, verdict: Verdict) -> int:
         """The size of a room this join would create: --room-size, or a token's smaller
@@ -399,6 +488,8 @@ class Hub:
         holder.transport.close_with(CLOSE_NORMAL, "Replaced by a new connection")
         session = Session(self, transport, holder.room, req.id, req.token, req.address, now)
         session.contacts = holder.contacts
+        if self.cluster is not None:
+            self.cluster.inherit(holder, session)
         self.stats.takeovers[cause] += 1
         self._register(session, "takeover")
         self._settle(holder)
@@ -414,6 +505,8 @@ class Hub:
         self._uncount(away.address)  # the new connection counts for its own address
         session = Session(self, transport, away.room, req.id, req.token, req.address, now)
         session.contacts = away.contacts
+        if self.cluster is not None:
+            self.cluster.inherit(away, session)
         self._register(session, "resumed")
         return session
 
@@ -560,7 +653,8 @@ class Hub:
                 if self.probes.get(probe.key) is probe:
                     self._decide(probe)
 
-    def _register(self, session: Session, outcome: str) -> None:
+    def _register(self, session: Session, outcome: str,
+                  members: list[str] | None = None) -> None:
         room = session.room
         room.peers[session.id] = session
         self.sessions.add(session)
@@ -570,7 +664,7 @@ class Hub:
                  room=room.tag, peers=len(room.peers), **self._who(session.id, session.address))
         session.transport.send_frame(OPEN_FRAME)
         if self.config.room_events:
-            self._tell_room(session, outcome)
+            self._tell_room(session, outcome, members)
         if self.events is not None and outcome == "opened":
             self.events.event("peer_joined", self.public_name(room), session.id)
         queue = room.queues.pop(session.id, None)
@@ -579,12 +673,14 @@ class Hub:
             for _sender, frame in queue.frames:
                 session.transport.send_frame(frame)
 
-    def _tell_room(self, session: Session, outcome: str) -> None:
+    def _tell_room(self, session: Session, outcome: str,
+                   members: list[str] | None = None) -> None:
         """``--room-events``: the newcomer gets PEERS (its room-mates' ids, in the order
-        they joined), and they get JOIN, unless it took its own id over (a reconnect:
-        nobody was told it left)."""
+        they joined; with --cluster, ``members``, every node's, as Redis lists them), and
+        they get JOIN, unless it took its own id over (a reconnect: nobody was told it
+        left)."""
         peers = session.room.peers
-        others = [i for i in session.room.members() if i != session.id]
+        others = [i for i in members or session.room.members() if i != session.id]
         session.transport.send_frame(peers_frame(others))
         if outcome == "opened":
             frame = join_frame(session.id)
@@ -611,6 +707,19 @@ class Hub:
                 _remember(sender, dst)
                 _remember(target, sender.id)
             return
+        if self.cluster is not None and dst not in room.away and valid_id(dst):
+            # Perhaps connected to another node: cluster.Link.relay comes back to _offline
+            # when nobody holds dst anywhere.
+            self.cluster.relay(sender, room, dst, mtype,
+                               relay_frame(mtype, sender.id, dst, msg.payload))
+            return
+        self._offline(sender, room, dst, mtype, None, msg.payload)
+
+    def _offline(self, sender: Session, room: Room, dst: str, mtype: str,
+                 frame: bytes | None, payload: Any = None) -> None:
+        """A message for ``dst``, connected nowhere: queued for it (EXPIRE if it does not
+        come), or for what is never queued, dropped (EXPIRE for app messages)."""
+        stats = self.stats
         if mtype not in QUEUED:
             stats.drops["offline"] += 1
             if mtype in self.config.app_message_types:
@@ -621,7 +730,9 @@ class Hub:
             stats.drops["invalid_dst"] += 1
             self._expire(sender, dst)
             return
-        self._enqueue(sender, room, dst, relay_frame(mtype, sender.id, dst, msg.payload))
+        if frame is None:
+            frame = relay_frame(mtype, sender.id, dst, payload)
+        self._enqueue(room, dst, sender.id, frame, sender)
 
     def _broadcast(self, sender: Session, msg: Inbound) -> None:
         """An app message without ``dst``: to every other connected member of the room (not
@@ -639,7 +750,10 @@ class Hub:
             # not multiply what one peer may make the server send.
             sender.tokens -= len(others) - 1
 
-    def _enqueue(self, sender: Session, room: Room, dst: str, frame: bytes) -> None:
+    def _enqueue(self, room: Room, dst: str, sender_id: str, frame: bytes,
+                 sender: Session | None, origin: str | None = None) -> None:
+        """Queue ``frame`` from ``sender_id`` for ``dst``: ``sender`` its session here, or
+        None for a sender connected to node ``origin`` (--cluster)."""
         cfg = self.config
         queue = room.queues.get(dst)
         room_cap = cfg.room_queue_limit if cfg.room_by != "none" else 0
@@ -650,21 +764,26 @@ class Hub:
         ):
             # Keep the oldest messages; the sender learns at once, once per pair.
             self.stats.drops["queue_full"] += 1
-            self._log_drop(sender, "queue_full")
+            if sender is not None:
+                self._log_drop(sender, "queue_full")
             if queue is None and len(room.queues) < cfg.room_queue_limit * 2:
                 # An empty queue remembers that this pair was told, until it expires.
                 queue = room.queues[dst] = OfflineQueue(self.clock.seconds())
                 self.rooms_with_queues.add(room)
-            if queue is None:
-                self._expire(sender, dst)  # past even that bound: told again, not stored
-            elif sender.id not in queue.told:
-                queue.told.add(sender.id)
-                self._expire(sender, dst)
+            if queue is None:  # past even that bound: told again, not stored
+                self._tell_expired(room, sender_id, origin, dst)
+            elif sender_id not in queue.told:
+                queue.told.add(sender_id)
+                self._tell_expired(room, sender_id, origin, dst)
             return
         if queue is None:
             queue = room.queues[dst] = OfflineQueue(self.clock.seconds())
             self.rooms_with_queues.add(room)
-        queue.frames.append((sender.id, frame))
+        if origin is not None:
+            if queue.origins is None:
+                queue.origins = {}
+            queue.origins[sender_id] = origin
+        queue.frames.append((sender_id, frame))
         queue.nbytes += len(frame)
         room.queued += 1
         self.queued_bytes += len(frame)
@@ -679,6 +798,16 @@ class Hub:
         self.stats.expiries += 1
         sender.transport.send_frame(expire_frame(unreachable, sender.id))
 
+    def _tell_expired(self, room: Room, sender_id: str, origin: str | None, dst: str) -> None:
+        """EXPIRE to ``sender_id``: here, or through the bus to its node ``origin``."""
+        if origin is not None:
+            if self.cluster is not None:
+                self.cluster.expired(origin, room.name, sender_id, dst)
+            return
+        sender = room.peers.get(sender_id)
+        if sender is not None:
+            self._expire(sender, dst)
+
     def expire_queues(self, now: float) -> None:
         deadline = now - self.config.expire_timeout
         for room in list(self.rooms_with_queues):
@@ -691,10 +820,100 @@ class Hub:
                     if sender_id in queue.told:
                         continue
                     queue.told.add(sender_id)
-                    sender = room.peers.get(sender_id)
-                    if sender is not None:
-                        self._expire(sender, dst)
+                    origins = queue.origins
+                    self._tell_expired(room, sender_id,
+                                       origins.get(sender_id) if origins else None, dst)
                 self.stats.drops["expired"] += len(queue.frames)
+
+    # -- other nodes (--cluster: cluster.Link) ------------------------------------------------
+
+    def remote_relay(self, room_name: str, dst: str, src: str, origin: str,
+                     frame: bytes) -> None:
+        """A frame from ``src`` on node ``origin`` for ``dst``, which Redis says is here: to
+        its socket, to its queue while it is away, else EXPIRE back."""
+        room = self.rooms.get(room_name)
+        target = room.peers.get(dst) if room is not None else None
+        if target is not None:
+            target.transport.send_frame(frame)
+            if self._track_contacts:
+                _remember(target, src)
+        elif room is not None and dst in room.away:
+            self._enqueue(room, dst, src, frame, None, origin)
+        elif self.cluster is not None:
+            self.cluster.expired(origin, room_name, src, dst)
+
+    def remote_expire(self, room_name: str, src: str, dst: str) -> None:
+        room = self.rooms.get(room_name)
+        sender = room.peers.get(src) if room is not None else None
+        if sender is not None:
+            self._expire(sender, dst)
+
+    def remote_takeover(self, room_name: str, peer_id: str, epoch: str) -> None:
+        """A newcomer on another node took ``peer_id`` over (its token, or the
+        authorizer's grant): the local holder with ``epoch`` gives way, unseen by its room."""
+        room = self.rooms.get(room_name)
+        if room is None or self.cluster is None:
+            return
+        holder = room.peers.get(peer_id) or room.away.get(peer_id)
+        if holder is not None and self.cluster.epoch_of(holder) == epoch:
+            self.replaced(holder)
+
+    def remote_remove(self, room_name: str, peer_id: str, reason: str) -> None:
+        """The admin API of another node removes ``peer_id`` (``remove``)."""
+        room = self.rooms.get(room_name)
+        session = (room.peers.get(peer_id) or room.away.get(peer_id)) if room else None
+        if session is not None:
+            self.remove(session, reason)
+
+    def replaced(self, session: Session) -> None:
+        """``session``'s row belongs to another node's peer now: it leaves without a word
+        to its room (that peer is its reconnect) and closes 1000."""
+        if self.cluster is not None:
+            self.cluster.rows.pop(session, None)
+        self.depart(session, "replaced", notify=False)
+        session.transport.close_with(CLOSE_NORMAL, "Replaced by a new connection")
+
+    def remote_joined(self, room_name: str, peer_id: str, node: str, fresh: bool) -> None:
+        """``peer_id`` joined ``room_name`` on ``node``: JOIN to the members here (with
+        --room-events, for a fresh join), and what was queued here for it goes there."""
+        room = self.rooms.get(room_name)
+        if room is None:
+            return
+        if fresh and self.config.room_events and self.config.room_by != "none":
+            frame = join_frame(peer_id)
+            for other in room.peers.values():
+                other.transport.send_frame(frame)
+        queue = room.queues.pop(peer_id, None)
+        if queue is not None and self.cluster is not None:
+            self._drop_queue(room, queue)
+            origins = queue.origins or {}
+            for sender_id, frame in queue.frames:
+                self.cluster.forward(node, room_name, peer_id, sender_id,
+                                     origins.get(sender_id, self.cluster.node), frame)
+
+    def remote_left(self, room_name: str, peer_id: str, leave: bool, part: bool,
+                    contacts: list[str] | None) -> None:
+        """``peer_id`` of another node left ``room_name``: LEAVE to the members here it
+        would have told (in none mode, its ``contacts``; None when its node died and the
+        reaper speaks: then whoever here talked to it), PART with --room-events."""
+        room = self.rooms.get(room_name)
+        if room is None:
+            return
+        peers = room.peers
+        if leave:
+            if not self._track_contacts:
+                told = list(peers.values())
+            elif contacts is not None:
+                told = [peers[i] for i in contacts if i in peers]
+            else:
+                told = [s for s in peers.values() if s.contacts and peer_id in s.contacts]
+            frame = leave_frame(peer_id)
+            for other in told:
+                other.transport.send_frame(frame)
+        if part and self.config.room_events and self.config.room_by != "none":
+            frame = part_frame(peer_id)
+            for other in peers.values():
+                other.transport.send_frame(frame)
 
     # -- bad input -------------------------------------------------------------------------
 
@@ -821,6 +1040,8 @@ class Hub:
             if room.peers.get(session.id) is session:
                 del room.peers[session.id]
         self.stats.disconnections[reason] += 1
+        if self.cluster is not None:
+            self.cluster.left(session, notify and leave, notify and self.config.room_events)
         log.info("peer left room {room}: {reason}", event="disconnect", reason=reason,
                  room=room.tag, duration=round(self.clock.seconds() - session.connected_at, 3),
                  **self._who(session.id, session.address))

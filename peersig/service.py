@@ -17,6 +17,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from .admin import make_admin_site
+from .cluster import Link, parse_url
 from .config import Config
 from .jwtauth import JWKS
 from .messages import CLOSE_GOING_AWAY
@@ -203,6 +204,10 @@ def make_service(config: Config, ports: list[str], reactor: Any) -> PeersigServi
                               config.webhook_retry)
     if isinstance(config.jwt_keys, JWKS):
         reactor.callWhenRunning(config.jwt_keys.start, reactor)
+    if config.cluster is not None:
+        link = Link(hub, parse_url(config.cluster), reactor)
+        hub.cluster = link
+        link.setServiceParent(top)
     sweep = TimerService(config.sweep_interval, run_sweep, hub)
     sweep.clock = reactor
     sweep.setServiceParent(top)

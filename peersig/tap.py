@@ -17,6 +17,7 @@ from twisted.python import usage
 
 from . import upstream
 from .auth import authorizers
+from .cluster import parse_url
 from .config import Config
 from .messages import app_type_problem
 from .tls import CertificateError, load_context, split_description
@@ -103,6 +104,10 @@ class Options(usage.Options):
         ["drain-timeout", None, 5.0,
          "Seconds a stopping server waits for peers to close before it exits.",
          _positive_float],
+        ["cluster", None, None,
+         "Run as one node of a cluster that shares its peers, rooms and ids through Redis "
+         "7.0+ or Valkey 7.2+: redis://[user:password@]host[:port][/db], rediss://... or "
+         "unix:/path/to/redis.sock[?db=N] (docs/scaling.md) [default: off, one process]."],
         ["demo-peerjs-url", None, None,
          "Where the demo page loads the PeerJS client from [default: a pinned CDN URL, with "
          "its integrity hash]."],
@@ -321,6 +326,14 @@ class Options(usage.Options):
             raise usage.UsageError("--room-events has no rooms to tell of in --room-by none")
         if self["quick-match"] and self["room-by"] != "token":
             raise usage.UsageError("--quick-match seats peers in rooms of --room-by token")
+        if self["cluster"] is not None:
+            try:
+                parse_url(self["cluster"])
+            except ValueError as e:
+                raise usage.UsageError(f"--cluster {self['cluster']}: {e}") from None
+            if self["quick-match"]:
+                raise usage.UsageError("--quick-match does not work with --cluster yet: its "
+                                       "rooms are made by one process")
         if self["demo"] and self["room-by"] == "none":
             raise usage.UsageError("--demo shows a room: not in --room-by none")
         app_types = set(self["app-message-type"]) | ({"CHAT"} if self["demo"] else set())
@@ -387,6 +400,7 @@ class Options(usage.Options):
             quick_match=bool(self["quick-match"]),
             demo=bool(self["demo"]),
             demo_peerjs_url=demo_url or None,
+            cluster=self["cluster"],
         )
 
 

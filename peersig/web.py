@@ -141,7 +141,9 @@ class Root(Resource):
     def _health(self, request: Request) -> bytes:
         hub = self.hub
         draining = hub.draining
-        if draining:
+        # --cluster without Redis: new joins are refused (Hub._claim), so the balancer
+        # should send them elsewhere; its connected peers go on.
+        if draining or (hub.cluster is not None and not hub.cluster.ok):
             request.setResponseCode(503)
         return _json(request, {
             "status": "draining" if draining else "ok",
@@ -150,6 +152,8 @@ class Root(Resource):
             "peers": len(hub.sessions),
             "rooms": len(hub.rooms),
             "uptime": round(hub.clock.seconds() - hub.started, 3),
+            **({} if hub.cluster is None else
+               {"cluster": "ok" if hub.cluster.ok else "degraded", "node": hub.cluster.node}),
         })
 
     def _ice(self, request: Request, key: str) -> Any:

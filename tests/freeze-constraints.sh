@@ -17,7 +17,7 @@ trap 'rm -rf "$work"' EXIT
 base=$("$tested" -c 'import sys; print(sys._base_executable)')
 "$base" -m venv "$work/venv"
 "$work/venv/bin/python" -m pip install --quiet --disable-pip-version-check \
-    --constraint "$work/tested.txt" .
+    --constraint "$work/tested.txt" '.[cluster]'
 {
     echo "# The releases peersig was tested with (tests/install-and-run.sh, set \"shipped\"),"
     echo "# for installs: pip install --constraint contrib/constraints.txt ."

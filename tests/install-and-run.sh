@@ -31,6 +31,7 @@ command -v systemd-analyze >/dev/null || apt_install systemd        # tests/test
 command -v haproxy >/dev/null || [ -x /usr/sbin/haproxy ] || apt_install haproxy  # test_haproxy
 command -v nft >/dev/null || [ -x /usr/sbin/nft ] || apt_install nftables  # a vanished network
 command -v turnserver >/dev/null || apt_install coturn              # tests/test_turn.py
+command -v redis-server >/dev/null || [ -x /usr/bin/redis-server ] || apt_install redis-server  # test_cluster
 bash tests/browser/install.sh || exit 1                              # chromium, npm peerjs
 
 find_python() {  # an interpreter of version $1 with venv: on PATH, or under pyenv

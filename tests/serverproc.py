@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -42,6 +43,52 @@ def make_self_signed_cert(folder: Path, name: str = "") -> tuple[Path, Path]:
                 "-out", str(cert)]
     subprocess.run(command, check=True, capture_output=True)
     return key, cert
+
+
+# redis-server for the --cluster tests (tests/test_cluster.py), if this machine has one.
+REDIS = shutil.which("redis-server") or (
+    "/usr/bin/redis-server" if Path("/usr/bin/redis-server").exists() else None)
+
+
+class Redis:
+    """``redis-server`` on a Unix socket only (no TCP port to race for), no persistence."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.socket = workdir / "redis.sock"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"unix:{self.socket}"
+
+    def start(self) -> None:
+        assert REDIS is not None
+        self.socket.unlink(missing_ok=True)
+        log = (self.workdir / "redis.log").open("ab")
+        self.proc = subprocess.Popen(
+            [REDIS, "--port", "0", "--unixsocket", str(self.socket), "--save", "",
+             "--appendonly", "no", "--dir", str(self.workdir)],
+            stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 10
+        while self.cli("PING") != "PONG":
+            assert self.proc.poll() is None, "redis-server exited"
+            assert time.monotonic() < deadline, "redis-server did not answer"
+            time.sleep(0.05)
+
+    def cli(self, *args: str) -> str:
+        out = subprocess.run(["redis-cli", "-s", str(self.socket), *args],
+                             capture_output=True, text=True, timeout=5)
+        return out.stdout.strip()
+
+    def signal(self, signum: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signum)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop_process(self.proc)
+
 
 
 class ServerProcess:

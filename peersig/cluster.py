@@ -1,0 +1,619 @@
+"""``--cluster URL``: several peersig nodes act as one server through Redis 7.0+ or Valkey
+7.2+ (issue 23; ``docs/scaling.md``).
+
+Facts live in keys, changed only by the scripts below (one round trip each, atomic);
+messages go over pub/sub, which is at most once: every path that can lose one ends in
+EXPIRE to the sender or in a key a later step reads. The rules stay in ``rooms.Hub``:
+it asks this module only the questions one process cannot answer alone (who holds an id
+on another node, is the room full elsewhere, where does a destination live).
+
+Keys (``ps:`` prefix; ``R`` is a room name as ``Hub.rooms`` keys it, ``""`` in none mode):
+
+- ``ps:node:N``: node N's lease, PX ``LEASE`` ms, refreshed every ``TICK`` s with
+  ``SET XX``. A row is valid while its node's lease lives.
+- ``ps:nodes``: ZSET node -> Redis time (ms) of its last refresh: who may need reaping.
+- ``ps:peers:N``: SET of ``R\\0id``, the rows node N holds (what its reaper removes).
+- ``ps:ids:{R}``: HASH id -> ``N|E|T``: the holder's node, its connection epoch (random
+  per claim) and a digest of its token.
+- ``ps:reap:N``: NX PX 10 s, the node reaping N (one reaper).
+
+Channels: ``ps:in:N`` (to node N: relay, expire, takeover, probe) and ``ps:ev`` (to every
+node: joined, left). Two subscriptions per node, whatever the number of peers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, NamedTuple
+from urllib.parse import unquote, urlsplit
+
+import msgspec
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.endpoints import HostnameEndpoint, UNIXClientEndpoint, wrapClientTLS
+from twisted.internet.ssl import optionsForClientTLS
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+
+from .rooms import _remember
+from .session import OPEN
+
+if TYPE_CHECKING:
+    from .rooms import Hub, Room
+    from .session import Session
+
+log = Logger()
+
+# Seconds between lease refreshes, and the lease's length: a node silent for LEASE is
+# dead to the others, whose reaper removes its rows at its next tick (so a killed node's
+# room-mates hear LEAVE within LEASE + 2 TICK, about 5 s).
+TICK = 1.0
+LEASE = 3.0
+# Every call to Redis gets an answer or fails within this many seconds.
+DEADLINE = 1.0
+# Seconds between attempts to reconnect to Redis, at most.
+RECONNECT_MAX = 2.0
+# The subscriber is deaf unless its own probe came back within this.
+PROBE_WINDOW = 4.0
+
+_encode = msgspec.msgpack.encode
+_decode = msgspec.msgpack.decode
+
+CLAIM = b"""
+if redis.call('EXISTS', KEYS[3]) == 0 then return {'fenced'} end
+local ban = redis.call('GET', KEYS[4])
+if ban then return {'banned', ban} end
+local old = redis.call('HGET', KEYS[1], ARGV[1])
+local result = {'ok'}
+if old then
+  local node, epoch, digest = string.match(old, '^([^|]*)|([^|]*)|(.*)$')
+  if node ~= ARGV[2] and redis.call('EXISTS', 'ps:node:' .. node) == 1 then
+    if ARGV[6] == '2' or (ARGV[6] == '1' and digest == ARGV[4]) then
+      result = {'takeover', node, epoch}
+    else
+      return {'taken'}
+    end
+  end
+  redis.call('SREM', 'ps:peers:' .. node, ARGV[7])
+elseif tonumber(ARGV[5]) > 0 and redis.call('HLEN', KEYS[1]) >= tonumber(ARGV[5]) then
+  return {'full'}
+end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
+redis.call('SADD', KEYS[2], ARGV[7])
+if ARGV[8] == '1' then table.insert(result, redis.call('HKEYS', KEYS[1])) end
+return result
+"""
+
+RELEASE = b"""
+if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then
+  redis.call('HDEL', KEYS[1], ARGV[1])
+  redis.call('SREM', KEYS[2], ARGV[3])
+  return 1
+end
+return 0
+"""
+
+# A row still ours, or free, or held by a dead node: ours again (after an outage).
+REASSERT = b"""
+local old = redis.call('HGET', KEYS[1], ARGV[1])
+if old and old ~= ARGV[3] then
+  local node = string.match(old, '^([^|]*)')
+  if node ~= ARGV[2] and redis.call('EXISTS', 'ps:node:' .. node) == 1 then return 0 end
+end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
+redis.call('SADD', KEYS[2], ARGV[4])
+return 1
+"""
+
+# The admin API's DELETE of a peer connected to another node.
+REMOVE = b"""
+local row = redis.call('HGET', KEYS[1], ARGV[1])
+if not row then return 0 end
+return redis.call('PUBLISH', 'ps:in:' .. string.match(row, '^([^|]*)'), ARGV[2])
+"""
+
+# Every room with a member on some node, and its member count: key, count, key, count...
+ROOMS = b"""
+local out = {}
+local cursor = '0'
+repeat
+  local page = redis.call('SCAN', cursor, 'MATCH', 'ps:ids:*', 'COUNT', 1000)
+  cursor = page[1]
+  for _, key in ipairs(page[2]) do
+    table.insert(out, key)
+    table.insert(out, redis.call('HLEN', key))
+  end
+until cursor == '0'
+return out
+"""
+
+RELAY = b"""
+local row = redis.call('HGET', KEYS[1], ARGV[1])
+if not row then return -1 end
+local node = string.match(row, '^([^|]*)')
+if node == ARGV[2] then return -2 end
+return redis.call('PUBLISH', 'ps:in:' .. node, ARGV[3])
+"""
+
+LEASE_SCRIPT = b"""
+if not redis.call('SET', KEYS[1], '1', ARGV[3], 'PX', ARGV[2]) then return 0 end
+local t = redis.call('TIME')
+redis.call('ZADD', 'ps:nodes', t[1] * 1000 + math.floor(t[2] / 1000), ARGV[1])
+return 1
+"""
+
+REAP = b"""
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+local gone = {}
+local late = redis.call('ZRANGEBYSCORE', 'ps:nodes', '-inf', now - tonumber(ARGV[2]))
+for _, node in ipairs(late) do
+  if node ~= ARGV[1] and redis.call('EXISTS', 'ps:node:' .. node) == 0
+      and redis.call('SET', 'ps:reap:' .. node, ARGV[1], 'NX', 'PX', 10000) then
+    for _, member in ipairs(redis.call('SMEMBERS', 'ps:peers:' .. node)) do
+      local room, id = string.match(member, '^(.*)%z([^%z]*)$')
+      local key = 'ps:ids:{' .. room .. '}'
+      local row = redis.call('HGET', key, id)
+      if row and string.match(row, '^([^|]*)') == node then
+        redis.call('HDEL', key, id)
+        table.insert(gone, member)
+      end
+    end
+    redis.call('DEL', 'ps:peers:' .. node)
+    redis.call('ZREM', 'ps:nodes', node)
+  end
+end
+return gone
+"""
+
+
+class Claim(NamedTuple):
+    """Redis's answer to ``Link.claim``: the ``outcome``, the ``row`` written (for ok and
+    takeover), the room's ids when asked for (PEERS), and a former holder's (node, epoch)
+    on a takeover."""
+
+    outcome: str
+    row: str
+    members: list[str]
+    old: tuple[str, str] | None
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """Where Redis is: a TCP ``host``/``port`` (``tls`` for ``rediss://``) or a Unix
+    ``path``; ``db`` the database number; ``password`` and ``username`` if given."""
+
+    host: str = ""
+    port: int = 6379
+    path: str = ""
+    db: int = 0
+    tls: bool = False
+    username: str | None = None
+    password: str | None = None
+
+
+def parse_url(url: str) -> Target:
+    """``redis://[user:pass@]host[:port][/db]``, ``rediss://…`` or ``unix:/path[?db=N]``.
+    Raises ValueError on anything else."""
+    parts = urlsplit(url)
+    if parts.scheme == "unix":
+        query = dict(p.partition("=")[::2] for p in parts.query.split("&") if p)
+        if not parts.path:
+            raise ValueError("unix: needs a socket path")
+        return Target(path=parts.path, db=int(query.get("db", "0")))
+    if parts.scheme not in ("redis", "rediss") or not parts.hostname:
+        raise ValueError("expected redis://host:port/db, rediss://… or unix:/path")
+    db = parts.path.strip("/")
+    return Target(host=parts.hostname, port=parts.port or 6379, db=int(db or "0"),
+                  tls=parts.scheme == "rediss",
+                  username=unquote(parts.username) if parts.username else None,
+                  password=unquote(parts.password) if parts.password else None)
+
+
+def token_digest(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()[:16]
+
+
+def _ids_key(room: str) -> str:
+    return "ps:ids:{" + room + "}"
+
+
+def _ban_key(room: str, peer_id: str) -> str:
+    return "ps:ban:{" + room + "}:" + peer_id
+
+
+def _member(room: str, peer_id: str) -> str:
+    return room + "\0" + peer_id
+
+
+class Link(Service):
+    """This node's part of the cluster: its lease, its subscriber, its calls to Redis.
+
+    ``ok`` says whether cross-node work can be done now: the command connection is up, the
+    subscriber is up and heard its own probe within ``PROBE_WINDOW``. Without it, joins
+    that need Redis are refused (``Hub`` sends ERROR and closes 1013) and cross-node sends
+    end in EXPIRE; connected peers and same-node relays go on.
+    """
+
+    def __init__(self, hub: Hub, target: Target, clock: Any, node: str | None = None) -> None:
+        self.hub = hub
+        self.target = target
+        self.clock = clock
+        self.node = node or os.urandom(6).hex()
+        self.inbox = "ps:in:" + self.node
+        self.lease_key = "ps:node:" + self.node
+        self.peers_key = "ps:peers:" + self.node
+        self.redis: Any = None
+        self.subscriber: Any = None
+        self.subscribed = False
+        self.probe_seen = -1e9
+        # Each local member's row in ps:ids:{R}, as a claim wrote it.
+        self.rows: dict[Session, str] = {}
+        # Reaping waits until this node's own lease has held for two leases (after a start
+        # or an outage every lease may have lapsed: nobody is reaped for that).
+        self.steady_since: float | None = None
+        self.last_tick = time.monotonic()
+        self.leased = False
+        self.ticker = LoopingCall(self.tick)
+        self.ticker.clock = clock
+
+    # -- connections ----------------------------------------------------------------------
+
+    def startService(self) -> None:
+        super().startService()
+        import txredisapi
+
+        factory = _persistent(txredisapi.RedisFactory)(None, self.target.db, 1, isLazy=True,
+                                          charset=None, password=self.target.password,
+                                          replyTimeout=DEADLINE, convertNumbers=False,
+                                          username=self.target.username)
+        self.redis = _connect(factory, self.target)
+        self.subscriber = _subscribe(self, txredisapi)
+        self.ticker.start(TICK, now=True)
+
+    def stopService(self) -> Deferred[Any]:
+        super().stopService()
+        if self.ticker.running:
+            self.ticker.stop()
+        # Commands run in order on one connection: when the lease's DEL is answered, every
+        # release before it (the drain's departures) is done.
+        done = self._call("DEL", self.lease_key).addErrback(lambda _: None)
+        done.addBoth(lambda _: self._disconnect())
+        return done
+
+    def _disconnect(self) -> Deferred[Any]:
+        calls = [c.disconnect() for c in (self.redis, self.subscriber) if c is not None]
+        return calls[0] if calls else succeed(None)
+
+    @property
+    def ok(self) -> bool:
+        return (self.leased and self.subscribed
+                and self.clock.seconds() - self.probe_seen <= PROBE_WINDOW)
+
+    def _call(self, *args: Any) -> Deferred[Any]:
+        """One command with a deadline: a command queued while Redis is unreachable fails
+        after DEADLINE instead of waiting for the reconnect."""
+        try:
+            d: Deferred[Any] = self.redis.execute_command(*args)
+        except Exception as e:  # not connected: a failure like any other
+            return fail(e)
+        return d.addTimeout(DEADLINE, self.clock)
+
+    def _eval(self, script: bytes, keys: list[str], args: list[Any]) -> Deferred[Any]:
+        try:
+            d: Deferred[Any] = self.redis.eval(script, keys, args)
+        except Exception as e:
+            return fail(e)
+        return d.addTimeout(DEADLINE, self.clock)
+
+    def publish(self, channel: str, message: list[Any]) -> Deferred[Any]:
+        return self._call("PUBLISH", channel, _encode(message))
+
+    # -- liveness -------------------------------------------------------------------------
+
+    def tick(self) -> None:
+        """Every TICK: refresh the lease (or re-assert it and every row after it lapsed),
+        send the subscriber its probe, reap dead nodes once steady."""
+        now = time.monotonic()
+        stalled = now - self.last_tick > LEASE
+        self.last_tick = now
+        if stalled and self.leased:
+            # This process stood still past its lease (SIGSTOP, a swap storm): others may
+            # have reaped it and taken its ids. Its peers reconnect and claim afresh.
+            log.warn("cluster: this node stalled {s:.1f} s, past its lease: closing its peers",
+                     s=now - self.last_tick)
+            self.fence()
+        mode = "XX" if self.leased else "NX"
+        d = self._eval(LEASE_SCRIPT, [self.lease_key], [self.node, int(LEASE * 1000), mode])
+        d.addCallbacks(self._leased, self._lease_failed, callbackArgs=(mode,))
+        if self.subscribed:
+            self.publish(self.inbox, ["probe"]).addErrback(lambda _: None)
+
+    def _leased(self, result: int, mode: str) -> None:
+        if result:
+            if not self.leased:
+                log.info("cluster: node {node} leased", node=self.node)
+                self.leased = True
+                self.steady_since = self.clock.seconds()
+                if self.rows:
+                    self._reassert()
+            elif self.steady_since is not None and \
+                    self.clock.seconds() - self.steady_since >= 2 * LEASE:
+                self._reap()
+            return
+        # SET XX found no lease: it lapsed (Redis was away, or restarted empty).
+        self.leased = False
+        self.steady_since = None
+        self.tick()
+
+    def _lease_failed(self, failure: Any) -> None:
+        if self.leased:
+            log.warn("cluster: Redis unreachable: {e}", e=failure.getErrorMessage())
+        self.leased = False
+        self.steady_since = None
+
+    def _reassert(self) -> None:
+        """After an outage, every local member's row again, unless another live node took
+        its id meanwhile (then this node's socket gives way, close 1000)."""
+        for session, row in list(self.rows.items()):
+            room = session.room.name
+            d = self._eval(REASSERT, [_ids_key(room), self.peers_key],
+                           [session.id, self.node, row, _member(room, session.id)])
+
+            def done(result: int, session: Session = session) -> None:
+                if not result and session in self.rows:
+                    self.hub.replaced(session)
+
+            d.addCallbacks(done, lambda _: None)
+
+    def _reap(self) -> None:
+        d = self._eval(REAP, [], [self.node, int(LEASE * 1000)])
+
+        def reaped(members: list[bytes]) -> None:
+            for member in members:
+                room, _, peer_id = member.decode().rpartition("\0")
+                log.info("cluster: reaped a peer of a dead node", room=room)
+                self.publish("ps:ev", ["left", room, peer_id, "", True, True, None])
+
+        d.addCallbacks(reaped, lambda f: log.warn("cluster: reap failed: {e}",
+                                                  e=f.getErrorMessage()))
+
+    def fence(self) -> None:
+        self.leased = False
+        self.steady_since = None
+        self.hub.close_all(1012, "Service restart")
+
+    # -- what the Hub asks ------------------------------------------------------------------
+
+    def claim(self, room: str, peer_id: str, token: str, cap: int, takeover: str,
+              members: bool) -> Deferred[Claim]:
+        """Ask for ``peer_id`` in ``room`` (at most ``cap`` members, 0 = no cap): fires
+        with a ``Claim`` whose outcome is ok, takeover, taken, full or fenced (this node's
+        lease lapsed). ``takeover``: "0" never, "1" from a holder with the same token,
+        "2" from any holder (the authorizer granted it). Fails when Redis does not answer."""
+        row = f"{self.node}|{os.urandom(4).hex()}|{token_digest(token)}"
+        d = self._eval(CLAIM, [_ids_key(room), self.peers_key, self.lease_key,
+                               _ban_key(room, peer_id)],
+                       [peer_id, self.node, row, token_digest(token), cap, takeover,
+                        _member(room, peer_id), "1" if members else "0"])
+
+        def answered(result: list[Any]) -> Claim:
+            outcome = result[0].decode()
+            ids: list[str] = []
+            old = None
+            if outcome == "banned":
+                return Claim(outcome, result[1].decode(), ids, old)
+            if outcome == "takeover":
+                old = (result[1].decode(), result[2].decode())
+                result = [result[0], *result[3:]]
+            if members and outcome in ("ok", "takeover") and len(result) > 1:
+                ids = [i.decode() for i in result[1]]
+            return Claim(outcome, row, ids, old)
+
+        def lost(failure: Any) -> Any:
+            self.unclaim(room, peer_id, row)
+            return failure
+
+        return d.addCallbacks(answered, lost)
+
+    def joined(self, session: Session, row: str, old: tuple[str, str] | None) -> None:
+        """``session`` holds ``row`` (the claim's); its room-mates on other nodes hear of it
+        (JOIN with --room-events, and the queues they hold for it), and a former holder
+        elsewhere (``old``: its node and epoch) gives way."""
+        room = session.room.name
+        self.rows[session] = row
+        if old is not None:
+            self.publish("ps:in:" + old[0], ["takeover", room, session.id, old[1]])
+        self.publish("ps:ev", ["joined", room, session.id, self.node, old is None])
+
+    def unclaim(self, room: str, peer_id: str, row: str) -> None:
+        """Give back a row nobody came to hold (the newcomer left, or the claim's answer
+        was lost: it may have been written all the same)."""
+        self._eval(RELEASE, [_ids_key(room), self.peers_key],
+                   [peer_id, row, _member(room, peer_id)]).addErrback(lambda _: None)
+
+    def inherit(self, old: Session, new: Session) -> None:
+        """A local takeover or resume: the new connection holds the old one's row."""
+        row = self.rows.pop(old, None)
+        if row is not None:
+            self.rows[new] = row
+
+    def left(self, session: Session, leave: bool, part: bool) -> None:
+        row = self.rows.pop(session, None)
+        if row is None:
+            return
+        room = session.room.name
+        self.unclaim(room, session.id, row)
+        if leave or part:
+            contacts = sorted(session.contacts) if session.contacts else None
+            self.publish("ps:ev", ["left", room, session.id, self.node, leave, part, contacts])
+
+    def relay(self, sender: Session, room: Room, dst: str, mtype: str, frame: bytes) -> None:
+        """Send ``frame`` to ``dst`` on whichever node holds it. No holder anywhere, or this
+        node holds it (away): the Hub's offline path. A holder's node gone, or Redis
+        unreachable: EXPIRE to the sender."""
+        hub = self.hub
+        if not self.ok:
+            hub.stats.drops["cluster"] += 1
+            hub._expire(sender, dst)
+            return
+        payload = _encode(["relay", room.name, dst, sender.id, self.node, frame])
+        d = self._eval(RELAY, [_ids_key(room.name)], [dst, self.node, payload])
+
+        def sent(receivers: int) -> None:
+            if sender.state != OPEN:
+                return
+            if receivers > 0:
+                hub.stats.relayed[mtype] += 1
+                if hub._track_contacts:
+                    _remember(sender, dst)
+            elif receivers < 0:
+                hub._offline(sender, sender.room, dst, mtype, frame)
+            else:
+                hub._expire(sender, dst)
+
+        def failed(_: Any) -> None:
+            if sender.state == OPEN:
+                hub.stats.drops["cluster"] += 1
+                hub._expire(sender, dst)
+
+        d.addCallbacks(sent, failed)
+
+    # -- the admin API, for the whole cluster ---------------------------------------------
+
+    def ban(self, room: str, peer_id: str, seconds: float, reason: str) -> Deferred[Any]:
+        """Refuse ``peer_id`` in ``room`` on every node for ``seconds``: a key in Redis,
+        so the ban outlives a restart of peersig (and of Redis with persistence on)."""
+        return self._call("SET", _ban_key(room, peer_id), reason,
+                          "PX", max(1, int(seconds * 1000)))
+
+    def remove(self, room: str, peer_id: str, reason: str) -> Deferred[bool]:
+        """Ask the node holding ``peer_id`` to remove it; whether a node was there."""
+        d = self._eval(REMOVE, [_ids_key(room)], [peer_id, _encode(["remove", room, peer_id,
+                                                                       reason])])
+        return d.addCallback(lambda receivers: receivers > 0)
+
+    def rooms(self) -> Deferred[dict[str, int]]:
+        """Every room with a member on any node: name -> members (away ones included)."""
+        def pairs(flat: list[Any]) -> dict[str, int]:
+            return {flat[i].decode()[len("ps:ids:{"):-1]: int(flat[i + 1])
+                    for i in range(0, len(flat), 2)}
+
+        return self._eval(ROOMS, [], []).addCallback(pairs)
+
+    def forward(self, node: str, room: str, dst: str, src: str, origin: str,
+                frame: bytes) -> None:
+        """A frame queued here for ``dst``, now connected on ``node``."""
+        self.publish("ps:in:" + node, ["relay", room, dst, src, origin, frame])
+
+    def expired(self, node: str, room: str, src: str, dst: str) -> None:
+        self.publish("ps:in:" + node, ["expire", room, src, dst])
+
+    # -- what other nodes say --------------------------------------------------------------
+
+    def received(self, channel: bytes, data: bytes) -> None:
+        try:
+            message = _decode(data)
+            self._dispatch(message)
+        except Exception:
+            log.failure("cluster: a message from the bus failed")
+
+    def _dispatch(self, message: list[Any]) -> None:
+        kind = message[0]
+        hub = self.hub
+        if kind == "probe":
+            self.probe_seen = self.clock.seconds()
+        elif kind == "relay":
+            _, room, dst, src, origin, frame = message
+            hub.remote_relay(room, dst, src, origin, frame)
+        elif kind == "expire":
+            _, room, src, dst = message
+            hub.remote_expire(room, src, dst)
+        elif kind == "takeover":
+            _, room, peer_id, epoch = message
+            hub.remote_takeover(room, peer_id, epoch)
+        elif kind == "remove":
+            _, room, peer_id, reason = message
+            hub.remote_remove(room, peer_id, reason)
+        elif kind == "joined":
+            _, room, peer_id, node, fresh = message
+            if node != self.node:
+                hub.remote_joined(room, peer_id, node, fresh)
+        elif kind == "left":
+            _, room, peer_id, node, leave, part, contacts = message
+            if node != self.node:
+                hub.remote_left(room, peer_id, leave, part, contacts)
+
+    def epoch_of(self, session: Session) -> str:
+        row = self.rows.get(session, "")
+        return row.split("|")[1] if row else ""
+
+
+def _subscribe(link: Link, txredisapi: Any) -> Any:
+    """A subscriber connection to ``link.inbox`` and ``ps:ev`` that subscribes again each
+    time it reconnects (txredisapi restores no subscriptions by itself)."""
+
+    class Subscriber(txredisapi.SubscriberProtocol):  # type: ignore[misc]
+        def connectionMade(self) -> Any:
+            d = super().connectionMade()
+
+            def ready(_: Any) -> Any:
+                return self.subscribe([link.inbox, "ps:ev"]).addCallback(
+                    lambda _: setattr(link, "subscribed", True))
+
+            if isinstance(d, Deferred):
+                d.addCallback(ready).addErrback(lambda f: log.failure("cluster: subscribe",
+                                                                      failure=f))
+            else:
+                ready(None)
+            return d
+
+        def connectionLost(self, reason: Any) -> None:
+            link.subscribed = False
+            super().connectionLost(reason)
+
+        def messageReceived(self, pattern: Any, channel: bytes, message: bytes) -> None:
+            link.received(channel, message)
+
+    factory = _persistent(txredisapi.SubscriberFactory)(isLazy=True)
+    factory.protocol = Subscriber
+    factory.charset = None
+    factory.convertNumbers = False
+    factory.password = link.target.password
+    factory.username = link.target.username
+    factory.dbid = link.target.db
+    return _connect(factory, link.target)
+
+
+def _persistent(factory_class: Any) -> Any:
+    """``factory_class`` that never stops reconnecting. txredisapi 1.6 calls
+    ``stopTrying`` when AUTH or SELECT fails, a timeout included, so one connection made
+    while Redis hung would end the node's link for good (tests/test_cluster.py, Redis
+    hung). A wrong password is retried too, and /health stays 503 meanwhile."""
+
+    class Persistent(factory_class):  # type: ignore[misc]
+        def stopTrying(self) -> Deferred[None]:
+            return succeed(None)
+
+    return Persistent
+
+
+def _connect(factory: Any, target: Target) -> Any:
+    """Start ``factory``'s connection to ``target``; its handler (the command API).
+    Reconnects back off to at most RECONNECT_MAX s, not txredisapi's 10 s: a node must be
+    back soon after Redis is."""
+    from twisted.internet import reactor
+
+    factory.maxDelay = RECONNECT_MAX
+    endpoint: Any
+    if target.path:
+        endpoint = UNIXClientEndpoint(reactor, target.path, timeout=DEADLINE)
+    else:
+        endpoint = HostnameEndpoint(reactor, target.host, target.port, timeout=DEADLINE)
+        if target.tls:
+            endpoint = wrapClientTLS(optionsForClientTLS(target.host), endpoint)
+    factory.startConnecting(endpoint)
+    return factory.handler

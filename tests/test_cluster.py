@@ -1,0 +1,310 @@
+"""--cluster (issue 23): two or three ``twistd -n peersig`` nodes sharing one real
+``redis-server`` on a Unix socket in the test's temp dir. The test picks the node each
+client dials, as a round-robin balancer would.
+
+``bash tests/install-and-run.sh`` installs redis-server from Debian when it is missing;
+the module is skipped only when no ``redis-server`` binary can be found, and says so.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import signal
+import time
+import warnings
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+from websockets.exceptions import ConnectionClosed
+from websockets.sync.client import ClientConnection, connect
+
+from bench.haproxy import free_port
+
+from .serverproc import REDIS, Redis, ServerProcess
+from .test_admin import ADMIN_TOKEN, admin, write_secret
+
+NOT_FOUND = ("REDIS-SERVER NOT FOUND: the cluster tests (tests/test_cluster.py) did NOT run. "
+             "Install it (apt-get install -y redis-server; tests/install-and-run.sh does).")
+if REDIS is None:
+    warnings.warn(NOT_FOUND, stacklevel=1)
+
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(REDIS is None, reason=NOT_FOUND)]
+
+NODE_ARGS = ["--max-peers-per-ip", "0"]
+# A node reaps others only once its own lease has held two leases (cluster.Link._leased).
+STEADY = 6.5
+
+
+class Nodes:
+    def __init__(self, workdir: Path, redis: Redis, count: int, extra: list[str]) -> None:
+        self.redis = redis
+        self.nodes = []
+        for i in range(count):
+            folder = workdir / f"node{i}"
+            folder.mkdir()
+            self.nodes.append(ServerProcess(folder, [*NODE_ARGS, "--cluster", redis.url,
+                                                     *extra]))
+        self.sockets = contextlib.ExitStack()
+
+    def start(self) -> None:
+        with ThreadPoolExecutor(len(self.nodes)) as pool:
+            list(pool.map(lambda n: n.start(), self.nodes))
+        for node in self.nodes:
+            self.wait_health(node, "ok")
+
+    def wait_health(self, node: ServerProcess, want: str, timeout: float = 10) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                seen = node.get_json("/health").get("cluster")
+            except OSError as e:  # 503 while degraded
+                seen = str(e)
+            if seen == want:
+                return
+            assert time.monotonic() < deadline, f"cluster health {seen!r}, not {want!r}"
+            time.sleep(0.1)
+
+    def stop(self) -> None:
+        self.sockets.close()
+        with ThreadPoolExecutor(len(self.nodes)) as pool:
+            list(pool.map(lambda n: n.stop(), self.nodes))
+
+    def dial(self, node: int, peer_id: str, token: str = "room1",
+             expect_open: bool = True) -> tuple[ClientConnection, Any]:
+        ws = self.sockets.enter_context(
+            connect(self.nodes[node].ws_url(peer_id, token), open_timeout=5, close_timeout=1))
+        first = json.loads(ws.recv(timeout=5))
+        if expect_open:
+            assert first == {"type": "OPEN"}, f"{peer_id} on node {node}: {first}"
+        return ws, first
+
+
+@pytest.fixture
+def redis(tmp_path: Path) -> Iterator[Redis]:
+    server = Redis(tmp_path)
+    server.start()
+    yield server
+    server.stop()
+
+
+@contextlib.contextmanager
+def cluster(tmp_path: Path, redis: Redis, count: int = 2,
+            extra: list[str] | None = None) -> Iterator[Nodes]:
+    nodes = Nodes(tmp_path, redis, count, extra or [])
+    nodes.start()
+    try:
+        yield nodes
+    finally:
+        nodes.stop()
+
+
+def frames_until(ws: ClientConnection, want: str, timeout: float = 5) -> dict[str, Any]:
+    """The first frame of type ``want``, skipping others (PEERS, HEARTBEAT answers)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        left = deadline - time.monotonic()
+        assert left > 0, f"no {want} within {timeout} s"
+        frame = json.loads(ws.recv(timeout=left))
+        if frame["type"] == want:
+            return frame  # type: ignore[no-any-return]
+
+
+def offer(dst: str, sdp: str = "v=0") -> str:
+    return json.dumps({"type": "OFFER", "dst": dst,
+                       "payload": {"sdp": {"type": "offer", "sdp": sdp}, "type": "media",
+                                   "connectionId": "mc_1"}})
+
+
+@pytest.mark.parametrize("mode", ["none", "token"])
+def test_offer_answer_candidate_cross_nodes(tmp_path: Path, redis: Redis, mode: str) -> None:
+    with cluster(tmp_path, redis, 2, ["--room-by", mode]) as nodes:
+        a, _ = nodes.dial(0, "alice")
+        b, _ = nodes.dial(1, "bob")
+        for i in range(20):  # in order per sender
+            a.send(offer("bob", f"o{i}"))
+        for i in range(20):
+            got = frames_until(b, "OFFER")
+            assert got["src"] == "alice" and got["payload"]["sdp"]["sdp"] == f"o{i}"
+        b.send(json.dumps({"type": "ANSWER", "dst": "alice", "payload": {"sdp": "a"}}))
+        assert frames_until(a, "ANSWER")["src"] == "bob"
+        b.send(json.dumps({"type": "CANDIDATE", "dst": "alice", "payload": {"c": 1}}))
+        assert frames_until(a, "CANDIDATE")["payload"] == {"c": 1}
+        # A departure reaches the room-mate on the other node (in none mode, a contact).
+        a.close(code=1001)
+        assert frames_until(b, "LEAVE")["src"] == "alice"
+
+
+def test_one_id_asked_on_two_nodes_at_once_has_one_holder(tmp_path: Path,
+                                                          redis: Redis) -> None:
+    with cluster(tmp_path, redis, 2) as nodes:
+        for round_ in range(50):
+            peer_id = f"racer{round_}"
+            with ThreadPoolExecutor(2) as pool:
+                results = list(pool.map(
+                    lambda n, i=peer_id, room=f"race{round_}":  # type: ignore[misc]
+                    nodes.dial(n, i, room, expect_open=False)[1], (0, 1)))
+            kinds = sorted(r["type"] for r in results)
+            assert kinds == ["ID-TAKEN", "OPEN"], f"round {round_}: {results}"
+            nodes.sockets.close()
+            nodes.sockets = contextlib.ExitStack()
+
+
+def test_five_joiners_of_a_room_of_four_on_three_nodes(tmp_path: Path, redis: Redis) -> None:
+    with cluster(tmp_path, redis, 3) as nodes:
+        with ThreadPoolExecutor(5) as pool:
+            results = list(pool.map(
+                lambda i: nodes.dial(i % 3, f"p{i}", "full", expect_open=False)[1], range(5)))
+        kinds = sorted(r["type"] for r in results)
+        assert kinds == ["ERROR", "OPEN", "OPEN", "OPEN", "OPEN"], results
+
+
+def test_a_queue_waits_for_its_destination_on_another_node(tmp_path: Path,
+                                                           redis: Redis) -> None:
+    with cluster(tmp_path, redis, 2) as nodes:
+        a, _ = nodes.dial(0, "early")
+        a.send(offer("late", "queued"))
+        time.sleep(0.5)
+        b, _ = nodes.dial(1, "late")
+        got = frames_until(b, "OFFER")
+        assert got["src"] == "early" and got["payload"]["sdp"]["sdp"] == "queued"
+        # Nobody comes for this one: EXPIRE, about expire-timeout later.
+        a.send(offer("never"))
+        expired = frames_until(a, "EXPIRE", timeout=10)
+        assert expired["src"] == "never"
+
+
+def test_a_same_token_reconnect_on_another_node_takes_the_id_over(tmp_path: Path,
+                                                                  redis: Redis) -> None:
+    with cluster(tmp_path, redis, 2, ["--room-by", "none"]) as nodes:
+        old = nodes.sockets.enter_context(
+            connect(nodes.nodes[0].ws_url("phone", "tok-1"), open_timeout=5))
+        assert json.loads(old.recv(timeout=5)) == {"type": "OPEN"}
+        other, _ = nodes.dial(1, "thief", "tok-2")
+        # Another token: the id is taken.
+        _, first = nodes.dial(1, "phone", "tok-3", expect_open=False)
+        assert first["type"] == "ID-TAKEN"
+        # The same token: the reconnect wins; the old socket closes 1000, nobody hears LEAVE.
+        new = nodes.sockets.enter_context(
+            connect(nodes.nodes[1].ws_url("phone", "tok-1"), open_timeout=5))
+        assert json.loads(new.recv(timeout=5)) == {"type": "OPEN"}
+        with pytest.raises(ConnectionClosed) as closed:
+            old.recv(timeout=5)
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == 1000
+        other.send(offer("phone", "to-new"))
+        assert frames_until(new, "OFFER")["payload"]["sdp"]["sdp"] == "to-new"
+
+
+def test_a_killed_node_is_reaped_within_five_seconds(tmp_path: Path, redis: Redis) -> None:
+    with cluster(tmp_path, redis, 2) as nodes:
+        a, _ = nodes.dial(0, "stays")
+        nodes.dial(1, "dies")
+        time.sleep(STEADY)
+        started = time.monotonic()
+        nodes.nodes[1].signal(signal.SIGKILL)
+        assert frames_until(a, "LEAVE", timeout=8)["src"] == "dies"
+        took = time.monotonic() - started
+        assert took < 5.5, f"LEAVE after {took:.1f} s"
+        # Its id is free.
+        nodes.dial(0, "dies")
+        assert redis.cli("HLEN", "ps:ids:{room1}") == "2"
+
+
+def test_a_stalled_node_comes_back_without_ghosts(tmp_path: Path, redis: Redis) -> None:
+    with cluster(tmp_path, redis, 2) as nodes:
+        a, _ = nodes.dial(0, "steady")
+        nodes.dial(1, "sleeper")
+        time.sleep(STEADY)
+        nodes.nodes[1].signal(signal.SIGSTOP)
+        try:
+            assert frames_until(a, "LEAVE", timeout=8)["src"] == "sleeper"
+            # The id is free meanwhile: a newcomer on node 0 holds it.
+            nodes.dial(0, "sleeper")
+        finally:
+            nodes.nodes[1].signal(signal.SIGCONT)
+        nodes.wait_health(nodes.nodes[1], "ok")
+        time.sleep(2)
+        assert nodes.nodes[1].get_json("/health")["peers"] == 0
+        rows = redis.cli("HGETALL", "ps:ids:{room1}").split("\n")
+        assert sorted(rows[0::2]) == ["sleeper", "steady"]
+        assert all(row.startswith(nodes.nodes[0].get_json("/health")["node"] + "|")
+                   for row in rows[1::2])
+
+
+@pytest.mark.parametrize("how", ["stopped", "hung"])
+def test_redis_away_for_ten_seconds(tmp_path: Path, redis: Redis, how: str) -> None:
+    with cluster(tmp_path, redis, 2) as nodes:
+        a, _ = nodes.dial(0, "a")
+        a2, _ = nodes.dial(0, "a2")
+        b, _ = nodes.dial(1, "b")
+        if how == "stopped":
+            redis.stop()
+        else:
+            redis.signal(signal.SIGSTOP)
+        try:
+            time.sleep(6)
+            # Same-node relays go on; cross-node sends end in EXPIRE.
+            a.send(offer("a2", "local"))
+            assert frames_until(a2, "OFFER")["payload"]["sdp"]["sdp"] == "local"
+            a.send(offer("b", "remote"))
+            assert frames_until(a, "EXPIRE")["src"] == "b"
+            # New joins are refused with 1013, and /health says so.
+            _, first = nodes.dial(1, "newcomer", expect_open=False)
+            assert first["type"] == "ERROR"
+            assert nodes.nodes[0].get("/health")[0] == 503
+            time.sleep(4)
+        finally:
+            if how == "stopped":
+                redis.start()
+            else:
+                redis.signal(signal.SIGCONT)
+        for node in nodes.nodes:
+            nodes.wait_health(node, "ok", timeout=20)
+        # Nobody was reaped or told anyone left: the same peers, and cross-node works.
+        time.sleep(7)
+        a.send(offer("b", "after"))
+        got = frames_until(b, "OFFER")
+        assert got["payload"]["sdp"]["sdp"] == "after"
+        for ws in (a, a2, b):
+            ws.send(json.dumps({"type": "HEARTBEAT"}))
+        assert [n.get_json("/health")["peers"] for n in nodes.nodes] == [2, 1]
+        assert sorted(redis.cli("HKEYS", "ps:ids:{room1}").split()) == ["a", "a2", "b"]
+
+
+def test_the_admin_api_of_any_node_sees_and_bans_across_the_cluster(tmp_path: Path,
+                                                                    redis: Redis) -> None:
+    token_file = write_secret(tmp_path, "admin.token", ADMIN_TOKEN + b"\n")
+    ports = [free_port(), free_port()]
+    nodes = Nodes(tmp_path, redis, 2, [])
+    for node, port in zip(nodes.nodes, ports, strict=True):
+        node.args += ["--admin-port", f"tcp:{port}:interface=127.0.0.1",
+                      "--admin-token-file", str(token_file)]
+    bases = [f"http://127.0.0.1:{port}" for port in ports]
+    nodes.start()
+    try:
+        nodes.dial(0, "a", "red")
+        nodes.dial(0, "a2", "red")
+        b, _ = nodes.dial(1, "b", "blue")
+        for base in bases:
+            status, body = admin(base, "GET", "/rooms")
+            assert status == 200
+            assert {r["room"]: r["peers"] for r in body["rooms"]} == {"red": 2, "blue": 1}
+        # Node 0 removes and bans a peer connected to node 1.
+        status, body = admin(bases[0], "DELETE", "/rooms/blue/peers/b?ban=600&reason=Go")
+        assert status == 200 and body["removed"] is True and "banned_until" in body
+        assert frames_until(b, "ERROR")["payload"]["msg"] == "Go"
+        for node in (1, 0):
+            _, first = nodes.dial(node, "b", "blue", expect_open=False)
+            assert first == {"type": "ERROR", "payload": {"msg": "Go"}}
+        # The ban outlives a restart of the nodes (it is kept in Redis).
+        nodes.stop()
+        nodes.sockets = contextlib.ExitStack()
+        nodes.start()
+        _, first = nodes.dial(1, "b", "blue", expect_open=False)
+        assert first == {"type": "ERROR", "payload": {"msg": "Go"}}
+        assert admin(bases[1], "DELETE", "/rooms/blue/peers/nobody")[0] == 404
+    finally:
+        nodes.stop()
