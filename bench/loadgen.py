@@ -172,6 +172,7 @@ class Peer(asyncio.Protocol):
         "on_done",
         "opened",
         "partner",
+        "port",
         "room",
         "rx_len",
         "sec_accept",
@@ -184,10 +185,11 @@ class Peer(asyncio.Protocol):
         "wants_close",
     )
 
-    def __init__(self, peer_id: str, room: int, token: str) -> None:
+    def __init__(self, peer_id: str, room: int, token: str, port: int = 0) -> None:
         self.id = peer_id
         self.room = room
         self.token = token
+        self.port = port or F.port
         self.transport: asyncio.Transport | None = None
         self.state = CONNECTING
         self.buf = b""
@@ -215,7 +217,7 @@ class Peer(asyncio.Protocol):
         self.sec_accept = base64.b64encode(hashlib.sha1(key + WS_GUID).digest())
         req = (
             f"GET {F.path}peerjs?key=peerjs&id={self.id}&token={self.token}&version=1.5.5 "
-            f"HTTP/1.1\r\nHost: {F.host}:{F.port}\r\nUpgrade: websocket\r\n"
+            f"HTTP/1.1\r\nHost: {F.host}:{self.port}\r\nUpgrade: websocket\r\n"
             f"Connection: Upgrade\r\nSec-WebSocket-Key: {key.decode()}\r\n"
             f"Sec-WebSocket-Version: 13\r\nOrigin: http://localhost\r\n"
             f"User-Agent: peersig-bench\r\n\r\n"
@@ -479,7 +481,7 @@ async def open_peer(peer: Peer, timeout: float) -> str:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.setsockopt(socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)
         sock.bind((src, 0))
-        await asyncio.wait_for(loop.sock_connect(sock, (F.host, F.port)), timeout)
+        await asyncio.wait_for(loop.sock_connect(sock, (F.host, peer.port)), timeout)
         if F.tls is None:
             await loop.create_connection(lambda: peer, sock=sock)
         else:  # wss: the TLS handshake counts in the join time
@@ -551,9 +553,14 @@ class Worker:
 
     # -- commands -------------------------------------------------------------------------
 
-    def make_room(self, room: int, per_room: int, gen: int) -> list[Peer]:
+    def make_room(self, room: int, per_room: int, gen: int,
+                  spread: list[int] | None = None) -> list[Peer]:
+        """A room's peers; with ``spread`` (ports of cluster nodes), slot j dials
+        ``spread[j % len(spread)]``, so that both peers of a pair are on different nodes."""
         token = f"room{room}"
-        peers = [Peer(f"p{gen}r{room}s{j}", room, token) for j in range(per_room)]
+        ports = spread or [0]
+        peers = [Peer(f"p{gen}r{room}s{j}", room, token, ports[j % len(ports)])
+                 for j in range(per_room)]
         return peers
 
     async def connect_many(self, peers: list[Peer], concurrency: int, timeout: float) -> dict:
@@ -591,7 +598,7 @@ class Worker:
         gen = c.get("gen", 0)
         peers: list[Peer] = []
         for room in c["rooms"]:
-            rp = self.make_room(room, per_room, gen)
+            rp = self.make_room(room, per_room, gen, c.get("spread"))
             self.pair_up(rp)
             F.rooms[room] = rp
             peers.extend(rp)

@@ -26,7 +26,7 @@ import math
 from typing import Any
 from urllib.parse import unquote
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.resource import Resource
@@ -197,17 +197,18 @@ class AdminRoot(Resource):
             answer["removed"] = found
             if ban is None:
                 return answer
-            until = hub.clock.seconds() + ban
-            answer["banned_until"] = _ms(until)
-            return link.ban(key, peer_id, ban, reason).addCallback(lambda _: answer)
+            answer["banned_until"] = _ms(hub.clock.seconds() + ban)
+            return answer
 
-        if session is not None:
-            hub.remove(session, reason)
-            d: Deferred[bool] = Deferred()
-            d.callback(True)
-        else:
-            d = link.remove(key, peer_id, reason)
-        return d.addCallback(removed)
+        def remove(_: Any) -> Deferred[bool]:
+            if session is not None:
+                hub.remove(session, reason)
+                return succeed(True)
+            return link.remove(key, peer_id, reason)
+
+        # The ban first: a peer removed before it is in place could come back elsewhere.
+        banned = link.ban(key, peer_id, ban, reason) if ban is not None else succeed(None)
+        return banned.addCallback(remove).addCallback(removed)
 
     def _reason(self, request: Request) -> str:
         raw = request.args.get(b"reason")

@@ -139,7 +139,13 @@ return redis.call('PUBLISH', 'ps:in:' .. node, ARGV[3])
 """
 
 LEASE_SCRIPT = b"""
-if not redis.call('SET', KEYS[1], '1', ARGV[3], 'PX', ARGV[2]) then return 0 end
+local ok
+if ARGV[3] == 'XX' then
+  ok = redis.call('SET', KEYS[1], '1', 'XX', 'PX', ARGV[2])
+else
+  ok = redis.call('SET', KEYS[1], '1', 'PX', ARGV[2])
+end
+if not ok then return 0 end
 local t = redis.call('TIME')
 redis.call('ZADD', 'ps:nodes', t[1] * 1000 + math.floor(t[2] / 1000), ARGV[1])
 return 1
@@ -257,6 +263,15 @@ class Link(Service):
         self.steady_since: float | None = None
         self.last_tick = time.monotonic()
         self.leased = False
+        self.leasing = False
+        # Rows to give back whose RELEASE has not been answered yet: (room, id) -> row.
+        # Retried every tick: a row left behind would hold its id for as long as this node
+        # lives.
+        self.releases: dict[tuple[str, str], str] = {}
+        # Set when the node drains: its rows stay until the reaper removes them after the
+        # lease, so that its peers can take their ids back on another node, unseen.
+        self.handing_over = False
+        self.subscriptions = 0
         self.ticker = LoopingCall(self.tick)
         self.ticker.clock = clock
 
@@ -315,39 +330,55 @@ class Link(Service):
     # -- liveness -------------------------------------------------------------------------
 
     def tick(self) -> None:
-        """Every TICK: refresh the lease (or re-assert it and every row after it lapsed),
-        send the subscriber its probe, reap dead nodes once steady."""
+        """Every TICK: refresh the lease (or take it again after it lapsed, and write every
+        row again), retry releases that failed, send the subscriber its probe, and reap
+        dead nodes once steady. Never raises (the LoopingCall would stop)."""
+        try:
+            self._tick()
+        except Exception:
+            log.failure("cluster: a tick failed")
+
+    def _tick(self) -> None:
         now = time.monotonic()
-        stalled = now - self.last_tick > LEASE
+        gap = now - self.last_tick
         self.last_tick = now
-        if stalled and self.leased:
+        if gap > LEASE and self.leased:
             # This process stood still past its lease (SIGSTOP, a swap storm): others may
             # have reaped it and taken its ids. Its peers reconnect and claim afresh.
             log.warn("cluster: this node stalled {s:.1f} s, past its lease: closing its peers",
-                     s=now - self.last_tick)
+                     s=gap)
             self.fence()
-        mode = "XX" if self.leased else "NX"
-        d = self._eval(LEASE_SCRIPT, [self.lease_key], [self.node, int(LEASE * 1000), mode])
-        d.addCallbacks(self._leased, self._lease_failed, callbackArgs=(mode,))
+        for (room, peer_id), row in list(self.releases.items()):
+            self._release(room, peer_id, row)
+        if not self.leasing:
+            # XX while it holds: a lapsed lease shows as 0. Once lost, a plain SET (node ids
+            # are unique) takes it back, whatever happened meanwhile.
+            mode = "XX" if self.leased else "SET"
+            self.leasing = True
+            d = self._eval(LEASE_SCRIPT, [self.lease_key], [self.node, int(LEASE * 1000), mode])
+            d.addCallbacks(self._leased, self._lease_failed)
+            d.addBoth(self._lease_done)
         if self.subscribed:
             self.publish(self.inbox, ["probe"]).addErrback(lambda _: None)
 
-    def _leased(self, result: int, mode: str) -> None:
-        if result:
-            if not self.leased:
-                log.info("cluster: node {node} leased", node=self.node)
-                self.leased = True
-                self.steady_since = self.clock.seconds()
-                if self.rows:
-                    self._reassert()
-            elif self.steady_since is not None and \
-                    self.clock.seconds() - self.steady_since >= 2 * LEASE:
-                self._reap()
+    def _lease_done(self, _: Any) -> None:
+        self.leasing = False
+
+    def _leased(self, result: int) -> None:
+        if not result:  # SET XX found no lease: it lapsed (Redis was away, or restarted empty)
+            log.warn("cluster: this node's lease lapsed; taking it again")
+            self.leased = False
+            self.steady_since = None
             return
-        # SET XX found no lease: it lapsed (Redis was away, or restarted empty).
-        self.leased = False
-        self.steady_since = None
-        self.tick()
+        if not self.leased:
+            log.info("cluster: node {node} leased", node=self.node)
+            self.leased = True
+            self.steady_since = self.clock.seconds()
+            if self.rows:
+                self._reassert()
+        elif self.steady_since is not None and \
+                self.clock.seconds() - self.steady_since >= 2 * LEASE:
+            self._reap()
 
     def _lease_failed(self, failure: Any) -> None:
         if self.leased:
@@ -425,15 +456,40 @@ class Link(Service):
         elsewhere (``old``: its node and epoch) gives way."""
         room = session.room.name
         self.rows[session] = row
-        if old is not None:
-            self.publish("ps:in:" + old[0], ["takeover", room, session.id, old[1]])
+        # First joined (the former holder's node forwards what it queued for the id), then
+        # the takeover (which may close that node's last member of the room).
         self.publish("ps:ev", ["joined", room, session.id, self.node, old is None])
+        if old is not None:
+            self.displace(room, session.id, old)
 
     def unclaim(self, room: str, peer_id: str, row: str) -> None:
-        """Give back a row nobody came to hold (the newcomer left, or the claim's answer
-        was lost: it may have been written all the same)."""
+        """Give back ``row`` (a departure, a newcomer that left, or a claim whose answer
+        was lost: it may have been written all the same), until Redis has answered."""
+        self.releases[(room, peer_id)] = row
+        self._release(room, peer_id, row)
+
+    def _release(self, room: str, peer_id: str, row: str) -> None:
+        def done(_: Any) -> None:
+            if self.releases.get((room, peer_id)) == row:
+                del self.releases[(room, peer_id)]
+
         self._eval(RELEASE, [_ids_key(room), self.peers_key],
-                   [peer_id, row, _member(room, peer_id)]).addErrback(lambda _: None)
+                   [peer_id, row, _member(room, peer_id)]).addCallbacks(done, lambda _: None)
+
+    def displace(self, room: str, peer_id: str, old: tuple[str, str]) -> None:
+        """The former holder of ``peer_id`` (its node and epoch) gives way: its row is no
+        longer its own."""
+        self.publish("ps:in:" + old[0], ["takeover", room, peer_id, old[1]])
+
+    def hand_over(self) -> None:
+        """The node drains: its lease ends now, and its rows are left to the other nodes'
+        reaper (``handing_over``). Until the reaper comes, about LEASE later, a peer that
+        reconnects on another node takes its id back unseen (the row's node is dead);
+        room-mates of one that does not come back hear LEAVE from the reaper."""
+        self.handing_over = True
+        if self.ticker.running:
+            self.ticker.stop()
+        self._call("DEL", self.lease_key).addErrback(lambda _: None)
 
     def inherit(self, old: Session, new: Session) -> None:
         """A local takeover or resume: the new connection holds the old one's row."""
@@ -443,7 +499,7 @@ class Link(Service):
 
     def left(self, session: Session, leave: bool, part: bool) -> None:
         row = self.rows.pop(session, None)
-        if row is None:
+        if row is None or self.handing_over:
             return
         room = session.room.name
         self.unclaim(room, session.id, row)
@@ -471,7 +527,12 @@ class Link(Service):
                 if hub._track_contacts:
                     _remember(sender, dst)
             elif receivers < 0:
-                hub._offline(sender, sender.room, dst, mtype, frame)
+                target = sender.room.peers.get(dst)
+                if target is not None:  # it joined here while Redis answered
+                    target.transport.send_frame(frame)
+                    hub.stats.relayed[mtype] += 1
+                else:
+                    hub._offline(sender, sender.room, dst, mtype, frame)
             else:
                 hub._expire(sender, dst)
 
@@ -480,7 +541,8 @@ class Link(Service):
                 hub.stats.drops["cluster"] += 1
                 hub._expire(sender, dst)
 
-        d.addCallbacks(sent, failed)
+        d.addCallbacks(sent, failed).addErrback(
+            lambda f: log.failure("cluster: a relay's answer failed", failure=f))
 
     # -- the admin API, for the whole cluster ---------------------------------------------
 
@@ -561,8 +623,15 @@ def _subscribe(link: Link, txredisapi: Any) -> Any:
             d = super().connectionMade()
 
             def ready(_: Any) -> Any:
-                return self.subscribe([link.inbox, "ps:ev"]).addCallback(
-                    lambda _: setattr(link, "subscribed", True))
+                return self.subscribe([link.inbox, "ps:ev"]).addCallback(subscribed)
+
+            def subscribed(_: Any) -> None:
+                link.subscribed = True
+                link.subscriptions += 1
+                if link.subscriptions > 1 and link.leased:
+                    # What was published meanwhile is lost: a takeover among it would
+                    # leave an id two holders. Every row is checked (and written) again.
+                    link._reassert()
 
             if isinstance(d, Deferred):
                 d.addCallback(ready).addErrback(lambda f: log.failure("cluster: subscribe",

@@ -358,15 +358,20 @@ class Hub:
         def answered(claim: Claim) -> None:
             self.claiming.discard(key)
             won = claim.outcome in ("ok", "takeover")
-            if transport not in self.waiting or self.waiting[transport] is not None:
-                if won:
-                    link.unclaim(name, req.id, claim.row)  # the newcomer left meanwhile
-                return
-            del self.waiting[transport]
+            if won and claim.old is not None:
+                link.displace(name, req.id, claim.old)  # the row is no longer its own
+            here = transport in self.waiting and self.waiting[transport] is None
+            if here:
+                del self.waiting[transport]
+            if won and (not here or self.draining or self._over_limits(req)):
+                link.unclaim(name, req.id, claim.row)
+                won = False
+            if not here:
+                return  # the newcomer left meanwhile
             if self.draining:
-                if won:
-                    link.unclaim(name, req.id, claim.row)
                 transport.close_with(CLOSE_GOING_AWAY, "Server shutting down")
+            elif claim.outcome in ("ok", "takeover") and not won:
+                self._over_limits(req, transport)
             elif claim.outcome == "taken":
                 self._refuse(transport, req, key)
             elif claim.outcome == "full":
@@ -376,17 +381,12 @@ class Hub:
             elif not won:
                 self._unavailable(transport, req)
             else:
-                now = self.clock.seconds()
-                room = self.rooms.get(name)
-                if room is None:
-                    room = self._open_room(name, now, size, None)
-                session = Session(self, transport, room, req.id, req.token, req.address, now)
-                outcome = "opened" if claim.old is None else "takeover"
-                if claim.old is not None:
-                    self.stats.takeovers["cluster"] += 1
-                self._register(session, outcome, claim.members if claim.members else None)
-                link.joined(session, claim.row, claim.old)
-                transport.attach(session)
+                try:
+                    self._claimed(transport, req, name, size, claim)
+                except Exception:
+                    log.failure("cluster: registering a claimed place failed")
+                    link.unclaim(name, req.id, claim.row)
+                    transport.close_with(CLOSE_INTERNAL, E_INTERNAL)
 
         def failed(failure: Any) -> None:
             self.claiming.discard(key)
@@ -397,6 +397,34 @@ class Hub:
 
         d.addCallbacks(answered, failed).addErrback(
             lambda f: log.failure("cluster: a claim's answer failed", failure=f))
+
+    def _claimed(self, transport: PeerTransport, req: JoinRequest, name: str, size: int,
+                 claim: Claim) -> None:
+        assert self.cluster is not None
+        now = self.clock.seconds()
+        room = self.rooms.get(name)
+        if room is None:
+            room = self._open_room(name, now, size, None)
+        session = Session(self, transport, room, req.id, req.token, req.address, now)
+        outcome = "opened" if claim.old is None else "takeover"
+        if claim.old is not None:
+            self.stats.takeovers["cluster"] += 1
+        self._register(session, outcome, claim.members if claim.members else None)
+        self.cluster.joined(session, claim.row, claim.old)
+        transport.attach(session)
+
+    def _over_limits(self, req: JoinRequest, transport: PeerTransport | None = None) -> bool:
+        """Whether --max-peers or --max-peers-per-ip is reached now (joins that waited on
+        Redis were let through before the count moved); with ``transport``, refuse it."""
+        if len(self.sessions) + len(self.away) >= self.config.max_peers:
+            if transport is not None:
+                self._reject(transport, req, "server_full", E_SERVER_FULL)
+            return True
+        if self._address_full(req.address):
+            if transport is not None:
+                self._reject(transport, req, "address_full", E_ADDRESS_FULL)
+            return True
+        return False
 
     def _unavailable(self, transport: PeerTransport, req: JoinRequest) -> None:
         self.stats.connections["cluster_unavailable"] += 1

@@ -96,6 +96,8 @@ class PeersigService(MultiService):
         hub = self.hub
         hub.draining = True
         log.info("draining {peers} peers", peers=len(hub.sessions))
+        if hub.cluster is not None:
+            hub.cluster.hand_over()
         hub.close_all(CLOSE_GOING_AWAY, "Server shutting down")
         for protocol in list(self.factory.open_connections):
             protocol.close_with(CLOSE_GOING_AWAY, "Server shutting down")

@@ -334,6 +334,12 @@ class Options(usage.Options):
             if self["quick-match"]:
                 raise usage.UsageError("--quick-match does not work with --cluster yet: its "
                                        "rooms are made by one process")
+            try:
+                import txredisapi  # noqa: F401
+            except ImportError:
+                raise usage.UsageError("--cluster needs txredisapi: pip install "
+                                       "'peersig[cluster]' (or '.[cluster]' in a "
+                                       "checkout)") from None
         if self["demo"] and self["room-by"] == "none":
             raise usage.UsageError("--demo shows a room: not in --room-by none")
         app_types = set(self["app-message-type"]) | ({"CHAT"} if self["demo"] else set())

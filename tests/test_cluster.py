@@ -308,3 +308,45 @@ def test_the_admin_api_of_any_node_sees_and_bans_across_the_cluster(tmp_path: Pa
         assert admin(bases[1], "DELETE", "/rooms/blue/peers/nobody")[0] == 404
     finally:
         nodes.stop()
+
+
+def test_a_drained_node_hands_its_peers_over(tmp_path: Path, redis: Redis) -> None:
+    with cluster(tmp_path, redis, 2) as nodes:
+        stays, _ = nodes.dial(0, "stays")
+        nodes.dial(1, "mover")
+        nodes.dial(1, "goner")
+        time.sleep(STEADY)
+        nodes.nodes[1].signal(signal.SIGTERM)
+        # mover reconnects to the other node at once: it takes its id back, unseen.
+        deadline = time.monotonic() + 3
+        while True:
+            _, first = nodes.dial(0, "mover", expect_open=False)
+            if first["type"] == "OPEN":
+                break
+            assert time.monotonic() < deadline, first
+            time.sleep(0.1)
+        stays.send(offer("mover", "after-drain"))
+        # goner does not come back: its room-mate hears LEAVE (from the reaper), and only
+        # of goner.
+        assert frames_until(stays, "LEAVE", timeout=8)["src"] == "goner"
+        assert sorted(redis.cli("HKEYS", "ps:ids:{room1}").split()) == ["mover", "stays"]
+
+
+def test_a_short_redis_stall_is_ridden_out(tmp_path: Path, redis: Redis) -> None:
+    """A stall longer than a call's deadline (1 s) but shorter than a lease: the node's
+    calls fail meanwhile, and it is whole again right after."""
+    with cluster(tmp_path, redis, 2) as nodes:
+        a, _ = nodes.dial(0, "a")
+        b, _ = nodes.dial(1, "b")
+        time.sleep(STEADY)
+        redis.signal(signal.SIGSTOP)
+        time.sleep(1.5)
+        redis.signal(signal.SIGCONT)
+        for node in nodes.nodes:
+            nodes.wait_health(node, "ok", timeout=6)
+        a.send(offer("b", "after-stall"))
+        assert frames_until(b, "OFFER")["payload"]["sdp"]["sdp"] == "after-stall"
+        time.sleep(2)
+        for node in nodes.nodes:
+            assert node.get_json("/health")["cluster"] == "ok"
+        assert sorted(redis.cli("HKEYS", "ps:ids:{room1}").split()) == ["a", "b"]
