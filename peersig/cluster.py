@@ -67,19 +67,21 @@ if redis.call('EXISTS', KEYS[3]) == 0 then return {'fenced'} end
 local ban = redis.call('GET', KEYS[4])
 if ban then return {'banned', ban} end
 local old = redis.call('HGET', KEYS[1], ARGV[1])
-local result = {'ok'}
+local result = {'ok', '', '', 0}
 if old then
   local node, epoch, digest = string.match(old, '^([^|]*)|([^|]*)|(.*)$')
   if node ~= ARGV[2] and redis.call('EXISTS', 'ps:node:' .. node) == 1 then
     if ARGV[6] == '2' or (ARGV[6] == '1' and digest == ARGV[4]) then
-      result = {'takeover', node, epoch}
+      result = {'takeover', node, epoch, 0}
     else
       return {'taken'}
     end
   end
   redis.call('SREM', 'ps:peers:' .. node, ARGV[7])
-elseif tonumber(ARGV[5]) > 0 and redis.call('HLEN', KEYS[1]) >= tonumber(ARGV[5]) then
-  return {'full'}
+else
+  local members = redis.call('HLEN', KEYS[1])
+  if tonumber(ARGV[5]) > 0 and members >= tonumber(ARGV[5]) then return {'full'} end
+  if members == 0 then result[4] = 1 end
 end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
 redis.call('SADD', KEYS[2], ARGV[7])
@@ -91,6 +93,7 @@ RELEASE = b"""
 if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then
   redis.call('HDEL', KEYS[1], ARGV[1])
   redis.call('SREM', KEYS[2], ARGV[3])
+  if redis.call('EXISTS', KEYS[1]) == 0 then return 2 end
   return 1
 end
 return 0
@@ -166,6 +169,7 @@ for _, node in ipairs(late) do
       if row and string.match(row, '^([^|]*)') == node then
         redis.call('HDEL', key, id)
         table.insert(gone, member)
+        table.insert(gone, redis.call('EXISTS', key))
       end
     end
     redis.call('DEL', 'ps:peers:' .. node)
@@ -185,6 +189,8 @@ class Claim(NamedTuple):
     row: str
     members: list[str]
     old: tuple[str, str] | None
+    # The room had no member on any node: this join starts it (webhook room_started).
+    first: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -403,11 +409,12 @@ class Link(Service):
     def _reap(self) -> None:
         d = self._eval(REAP, [], [self.node, int(LEASE * 1000)])
 
-        def reaped(members: list[bytes]) -> None:
-            for member in members:
-                room, _, peer_id = member.decode().rpartition("\0")
+        def reaped(flat: list[Any]) -> None:
+            for i in range(0, len(flat), 2):
+                room, _, peer_id = flat[i].decode().rpartition("\0")
                 log.info("cluster: reaped a peer of a dead node", room=room)
                 self.publish("ps:ev", ["left", room, peer_id, "", True, True, None])
+                self.hub.node_lost(room, peer_id, emptied=not int(flat[i + 1]))
 
         d.addCallbacks(reaped, lambda f: log.warn("cluster: reap failed: {e}",
                                                   e=f.getErrorMessage()))
@@ -433,16 +440,13 @@ class Link(Service):
 
         def answered(result: list[Any]) -> Claim:
             outcome = result[0].decode()
-            ids: list[str] = []
-            old = None
             if outcome == "banned":
-                return Claim(outcome, result[1].decode(), ids, old)
-            if outcome == "takeover":
-                old = (result[1].decode(), result[2].decode())
-                result = [result[0], *result[3:]]
-            if members and outcome in ("ok", "takeover") and len(result) > 1:
-                ids = [i.decode() for i in result[1]]
-            return Claim(outcome, row, ids, old)
+                return Claim(outcome, result[1].decode(), [], None, False)
+            if outcome not in ("ok", "takeover"):
+                return Claim(outcome, row, [], None, False)
+            old = (result[1].decode(), result[2].decode()) if outcome == "takeover" else None
+            ids = [i.decode() for i in result[4]] if members else []
+            return Claim(outcome, row, ids, old, bool(result[3]))
 
         def lost(failure: Any) -> Any:
             self.unclaim(room, peer_id, row)
@@ -469,9 +473,11 @@ class Link(Service):
         self._release(room, peer_id, row)
 
     def _release(self, room: str, peer_id: str, row: str) -> None:
-        def done(_: Any) -> None:
+        def done(result: int) -> None:
             if self.releases.get((room, peer_id)) == row:
                 del self.releases[(room, peer_id)]
+            if result == 2:  # the room's last member on any node
+                self.hub.room_finished(room)
 
         self._eval(RELEASE, [_ids_key(room), self.peers_key],
                    [peer_id, row, _member(room, peer_id)]).addCallbacks(done, lambda _: None)
@@ -566,6 +572,11 @@ class Link(Service):
 
         return self._eval(ROOMS, [], []).addCallback(pairs)
 
+    def broadcast(self, room: str, frame: bytes) -> None:
+        """An app message to the whole room: to its members on the other nodes."""
+        if self.ok:
+            self.publish("ps:ev", ["broadcast", room, self.node, frame])
+
     def forward(self, node: str, room: str, dst: str, src: str, origin: str,
                 frame: bytes) -> None:
         """A frame queued here for ``dst``, now connected on ``node``."""
@@ -597,6 +608,10 @@ class Link(Service):
         elif kind == "takeover":
             _, room, peer_id, epoch = message
             hub.remote_takeover(room, peer_id, epoch)
+        elif kind == "broadcast":
+            _, room, node, frame = message
+            if node != self.node:
+                hub.remote_broadcast(room, frame)
         elif kind == "remove":
             _, room, peer_id, reason = message
             hub.remote_remove(room, peer_id, reason)

@@ -404,7 +404,9 @@ class Hub:
         now = self.clock.seconds()
         room = self.rooms.get(name)
         if room is None:
-            room = self._open_room(name, now, size, None)
+            room = self._open_room(name, now, size, None, announce=claim.first)
+        elif claim.first and self.events is not None:
+            self.events.event("room_started", self.public_name(room))
         session = Session(self, transport, room, req.id, req.token, req.address, now)
         outcome = "opened" if claim.old is None else "takeover"
         if claim.old is not None:
@@ -443,11 +445,14 @@ class Hub:
             return cap
         return min(verdict.room_size, cap) if cap else verdict.room_size
 
-    def _open_room(self, name: str, now: float, size: int, match: str | None) -> Room:
+    def _open_room(self, name: str, now: float, size: int, match: str | None,
+                   announce: bool = True) -> Room:
+        """A room gets its first member here; ``announce``: and on any node (with
+        --cluster, only the claim that found the room empty in Redis says so)."""
         room = self.rooms[name] = Room(name, now, size, match)
         if match is not None:
             self.matches.setdefault(match, []).append(room)
-        if self.events is not None:
+        if announce and self.events is not None:
             self.events.event("room_started", self.public_name(room))
         return room
 
@@ -772,6 +777,8 @@ class Hub:
         others = [p for p in sender.room.peers.values() if p is not sender]
         for other in others:
             other.transport.send_frame(frame)
+        if self.cluster is not None:
+            self.cluster.broadcast(sender.room.name, frame)
         self.stats.relayed[msg.type] += 1
         if others and self.config.rate_limit:
             # A frame to N peers costs the sender's bucket N: a room without a size cap must
@@ -870,6 +877,13 @@ class Hub:
         elif self.cluster is not None:
             self.cluster.expired(origin, room_name, src, dst)
 
+    def remote_broadcast(self, room_name: str, frame: bytes) -> None:
+        """An app message to the whole room from a member on another node."""
+        room = self.rooms.get(room_name)
+        if room is not None:
+            for other in room.peers.values():
+                other.transport.send_frame(frame)
+
     def remote_expire(self, room_name: str, src: str, dst: str) -> None:
         room = self.rooms.get(room_name)
         sender = room.peers.get(src) if room is not None else None
@@ -885,6 +899,23 @@ class Hub:
         holder = room.peers.get(peer_id) or room.away.get(peer_id)
         if holder is not None and self.cluster.epoch_of(holder) == epoch:
             self.replaced(holder)
+
+    def _public(self, room_name: str) -> str:
+        return self.config.key if self.config.room_by == "none" else room_name
+
+    def room_finished(self, room_name: str) -> None:
+        """--cluster: the room's last member on any node left (webhook room_finished,
+        sent by the node whose release emptied it)."""
+        if self.events is not None:
+            self.events.event("room_finished", self._public(room_name))
+
+    def node_lost(self, room_name: str, peer_id: str, emptied: bool) -> None:
+        """--cluster: this node reaped ``peer_id`` of a dead node (webhook peer_left,
+        reason node_lost; room_finished when that emptied the room)."""
+        if self.events is not None:
+            self.events.event("peer_left", self._public(room_name), peer_id, "node_lost")
+            if emptied:
+                self.events.event("room_finished", self._public(room_name))
 
     def remote_remove(self, room_name: str, peer_id: str, reason: str) -> None:
         """The admin API of another node removes ``peer_id`` (``remove``)."""
@@ -1093,7 +1124,9 @@ class Hub:
                 self.queued_bytes -= queue.nbytes
             room.queues.clear()
             self.rooms_with_queues.discard(room)
-            if events is not None:
+            if events is not None and self.cluster is None:
+                # With --cluster, the release that empties the room in Redis says so
+                # (room_finished below).
                 events.event("room_finished", self.public_name(room))
         self._settle(session)
 
@@ -1116,7 +1149,7 @@ class Hub:
     def public_name(self, room: Room) -> str:
         """A room as the admin API and webhooks name it: in ``none`` mode the one namespace
         is named by the key."""
-        return self.config.key if self.config.room_by == "none" else room.name
+        return self._public(room.name)
 
     def room_key(self, name: str) -> str | None:
         """The registry's name for the room the admin API calls ``name`` (the inverse of

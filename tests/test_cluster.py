@@ -25,7 +25,7 @@ from websockets.sync.client import ClientConnection, connect
 from bench.haproxy import free_port
 
 from .serverproc import REDIS, Redis, ServerProcess
-from .test_admin import ADMIN_TOKEN, admin, write_secret
+from .test_admin import ADMIN_TOKEN, WEBHOOK_SECRET, Receiver, admin, write_secret
 
 NOT_FOUND = ("REDIS-SERVER NOT FOUND: the cluster tests (tests/test_cluster.py) did NOT run. "
              "Install it (apt-get install -y redis-server; tests/install-and-run.sh does).")
@@ -350,3 +350,35 @@ def test_a_short_redis_stall_is_ridden_out(tmp_path: Path, redis: Redis) -> None
         for node in nodes.nodes:
             assert node.get_json("/health")["cluster"] == "ok"
         assert sorted(redis.cli("HKEYS", "ps:ids:{room1}").split()) == ["a", "b"]
+
+
+def test_webhooks_tell_of_a_room_once_whatever_the_nodes(tmp_path: Path, redis: Redis) -> None:
+    receiver = Receiver()
+    secret = write_secret(tmp_path, "webhook.secret", WEBHOOK_SECRET)
+    try:
+        with cluster(tmp_path, redis, 2, ["--webhook", receiver.url, "--webhook-secret-file",
+                                          str(secret)]) as nodes:
+            a, _ = nodes.dial(0, "a", "hooks")
+            b, _ = nodes.dial(1, "b", "hooks")
+            c, _ = nodes.dial(1, "c", "hooks")
+            for ws in (a, b, c):
+                ws.close(code=1001)
+            events = receiver.wait_for(8)
+            time.sleep(1)  # nothing more comes
+            kinds = [e["type"] for e in receiver.events]
+            assert kinds.count("room_started") == 1 and kinds.count("room_finished") == 1, kinds
+            assert kinds.count("peer_joined") == 3 and kinds.count("peer_left") == 3, kinds
+            assert {e["room"] for e in events} == {"hooks"}
+    finally:
+        receiver.stop()
+
+
+def test_an_app_message_to_the_room_reaches_every_node(tmp_path: Path, redis: Redis) -> None:
+    with cluster(tmp_path, redis, 2, ["--app-message-type", "GAME"]) as nodes:
+        a, _ = nodes.dial(0, "a", "game")
+        b, _ = nodes.dial(0, "b", "game")
+        c, _ = nodes.dial(1, "c", "game")
+        a.send(json.dumps({"type": "GAME", "payload": {"move": 1}}))
+        for ws in (b, c):
+            got = frames_until(ws, "GAME")
+            assert got["src"] == "a" and got["payload"] == {"move": 1}
