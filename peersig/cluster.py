@@ -133,12 +133,25 @@ until cursor == '0'
 return out
 """
 
-RELAY = b"""
-local row = redis.call('HGET', KEYS[1], ARGV[1])
-if not row then return -1 end
-local node = string.match(row, '^([^|]*)')
-if node == ARGV[2] then return -2 end
-return redis.call('PUBLISH', 'ps:in:' .. node, ARGV[3])
+# The cross-node relays of one reactor turn, in order: ARGV = this node, then (room's ids
+# key, destination, message) for each. For each, in order: the receivers of its PUBLISH,
+# -1 (no holder anywhere) or -2 (held by this node).
+RELAYS = b"""
+local out = {}
+for i = 2, #ARGV, 3 do
+  local row = redis.call('HGET', ARGV[i], ARGV[i + 1])
+  if not row then
+    out[#out + 1] = -1
+  else
+    local node = string.match(row, '^([^|]*)')
+    if node == ARGV[1] then
+      out[#out + 1] = -2
+    else
+      out[#out + 1] = redis.call('PUBLISH', 'ps:in:' .. node, ARGV[i + 2])
+    end
+  end
+end
+return out
 """
 
 LEASE_SCRIPT = b"""
@@ -178,6 +191,11 @@ for _, node in ipairs(late) do
 end
 return gone
 """
+
+
+# A cross-node relay waiting for the end of the reactor turn: sender, room, destination,
+# message type, the frame for the destination.
+Outgoing = tuple["Session", str, str, str, bytes]
 
 
 class Claim(NamedTuple):
@@ -278,6 +296,8 @@ class Link(Service):
         # lease, so that its peers can take their ids back on another node, unseen.
         self.handing_over = False
         self.subscriptions = 0
+        # Cross-node relays of this reactor turn, sent together (``_flush``).
+        self.outbox: list[Outgoing] = []
         self.ticker = LoopingCall(self.tick)
         self.ticker.clock = clock
 
@@ -522,12 +542,28 @@ class Link(Service):
             hub.stats.drops["cluster"] += 1
             hub._expire(sender, dst)
             return
-        payload = _encode(["relay", room.name, dst, sender.id, self.node, frame])
-        d = self._eval(RELAY, [_ids_key(room.name)], [dst, self.node, payload])
+        # The relays of one reactor turn go to Redis as one script call (RELAYS): under
+        # load a turn brings many, and a call costs far more than a relay's own work.
+        if not self.outbox:
+            self.clock.callLater(0, self._flush)
+        self.outbox.append((sender, room.name, dst, mtype, frame))
 
-        def sent(receivers: int) -> None:
+    def _flush(self) -> None:
+        batch, self.outbox = self.outbox, []
+        args: list[Any] = [self.node]
+        for sender, room, dst, _mtype, frame in batch:
+            args += [_ids_key(room), dst,
+                     _encode(["relay", room, dst, sender.id, self.node, frame])]
+        d = self._eval(RELAYS, [], args)
+        d.addCallbacks(self._relayed, self._not_relayed, callbackArgs=(batch,),
+                       errbackArgs=(batch,))
+        d.addErrback(lambda f: log.failure("cluster: relays' answers failed", failure=f))
+
+    def _relayed(self, results: list[int], batch: list[Outgoing]) -> None:
+        hub = self.hub
+        for (sender, _room, dst, mtype, frame), receivers in zip(batch, results, strict=True):
             if sender.state != OPEN:
-                return
+                continue
             if receivers > 0:
                 hub.stats.relayed[mtype] += 1
                 if hub._track_contacts:
@@ -542,13 +578,12 @@ class Link(Service):
             else:
                 hub._expire(sender, dst)
 
-        def failed(_: Any) -> None:
+    def _not_relayed(self, failure: Any, batch: list[Outgoing]) -> None:
+        hub = self.hub
+        for sender, _room, dst, _mtype, _frame in batch:
             if sender.state == OPEN:
                 hub.stats.drops["cluster"] += 1
                 hub._expire(sender, dst)
-
-        d.addCallbacks(sent, failed).addErrback(
-            lambda f: log.failure("cluster: a relay's answer failed", failure=f))
 
     # -- the admin API, for the whole cluster ---------------------------------------------
 
