@@ -71,10 +71,11 @@ local result = {'ok', '', '', 0}
 if old then
   local node, epoch, digest = string.match(old, '^([^|]*)|([^|]*)|(.*)$')
   if node ~= ARGV[2] and redis.call('EXISTS', 'ps:node:' .. node) == 1 then
-    if ARGV[6] == '2' or (ARGV[6] == '1' and digest == ARGV[4]) then
+    if ARGV[6] == '2' or (ARGV[6] == '1' and digest == ARGV[4])
+        or (ARGV[6] == '3' and epoch == ARGV[9]) then
       result = {'takeover', node, epoch, 0}
     else
-      return {'taken'}
+      return {'taken', node, epoch}
     end
   end
   redis.call('SREM', 'ps:peers:' .. node, ARGV[7])
@@ -296,6 +297,9 @@ class Link(Service):
         # lease, so that its peers can take their ids back on another node, unseen.
         self.handing_over = False
         self.subscriptions = 0
+        # Probes of holders on other nodes awaiting their answer (``probe``), by reference.
+        self.probes: dict[str, Deferred[bool]] = {}
+        self.probe_number = 0
         # Cross-node relays of this reactor turn, sent together (``_flush``).
         self.outbox: list[Outgoing] = []
         self.ticker = LoopingCall(self.tick)
@@ -447,21 +451,25 @@ class Link(Service):
     # -- what the Hub asks ------------------------------------------------------------------
 
     def claim(self, room: str, peer_id: str, token: str, cap: int, takeover: str,
-              members: bool) -> Deferred[Claim]:
+              members: bool, dead_epoch: str = "") -> Deferred[Claim]:
         """Ask for ``peer_id`` in ``room`` (at most ``cap`` members, 0 = no cap): fires
         with a ``Claim`` whose outcome is ok, takeover, taken, full or fenced (this node's
         lease lapsed). ``takeover``: "0" never, "1" from a holder with the same token,
-        "2" from any holder (the authorizer granted it). Fails when Redis does not answer."""
+        "2" from any holder (the authorizer granted it), "3" from the holder whose epoch
+        is ``dead_epoch`` (a probe found it dead). For taken, ``old`` is the holder's
+        (node, epoch). Fails when Redis does not answer."""
         row = f"{self.node}|{os.urandom(4).hex()}|{token_digest(token)}"
         d = self._eval(CLAIM, [_ids_key(room), self.peers_key, self.lease_key,
                                _ban_key(room, peer_id)],
                        [peer_id, self.node, row, token_digest(token), cap, takeover,
-                        _member(room, peer_id), "1" if members else "0"])
+                        _member(room, peer_id), "1" if members else "0", dead_epoch])
 
         def answered(result: list[Any]) -> Claim:
             outcome = result[0].decode()
             if outcome == "banned":
                 return Claim(outcome, result[1].decode(), [], None, False)
+            if outcome == "taken" and len(result) == 3:
+                return Claim(outcome, row, [], (result[1].decode(), result[2].decode()), False)
             if outcome not in ("ok", "takeover"):
                 return Claim(outcome, row, [], None, False)
             old = (result[1].decode(), result[2].decode()) if outcome == "takeover" else None
@@ -506,6 +514,32 @@ class Link(Service):
         """The former holder of ``peer_id`` (its node and epoch) gives way: its row is no
         longer its own."""
         self.publish("ps:in:" + old[0], ["takeover", room, peer_id, old[1]])
+
+    def probe(self, old: tuple[str, str], room: str, peer_id: str) -> Deferred[bool]:
+        """Ask node ``old[0]`` whether its holder of ``peer_id`` (epoch ``old[1]``) is alive:
+        it pings it, as one process asks its own holder (``Hub.remote_probe``). Fires
+        True (alive) unless the answer is dead: no answer within the probe window and a
+        second counts as alive (a holder is never presumed dead on broker silence)."""
+        self.probe_number += 1
+        ref = f"{self.node}:{self.probe_number}"
+        answer: Deferred[bool] = Deferred()
+        self.probes[ref] = answer
+
+        def silence() -> None:
+            if self.probes.pop(ref, None) is answer:
+                answer.callback(True)
+
+        call = self.clock.callLater(self.hub.config.takeover_probe + 1.0, silence)
+
+        def done(alive: bool) -> bool:
+            if call.active():
+                call.cancel()
+            return alive
+
+        answer.addCallback(done)
+        self.publish("ps:in:" + old[0], ["probe?", room, peer_id, old[1], self.node, ref]
+                     ).addErrback(lambda _: None)
+        return answer
 
     def hand_over(self) -> None:
         """The node drains: its lease ends now, and its rows are left to the other nodes'
@@ -647,6 +681,18 @@ class Link(Service):
             _, room, node, frame = message
             if node != self.node:
                 hub.remote_broadcast(room, frame)
+        elif kind == "probe?":
+            _, room, peer_id, epoch, node, ref = message
+
+            def reply(alive: bool) -> None:
+                self.publish("ps:in:" + node, ["probed", ref, alive])
+
+            hub.remote_probe(room, peer_id, epoch, reply)
+        elif kind == "probed":
+            _, ref, alive = message
+            answer = self.probes.pop(ref, None)
+            if answer is not None:
+                answer.callback(bool(alive))
         elif kind == "remove":
             _, room, peer_id, reason = message
             hub.remote_remove(room, peer_id, reason)

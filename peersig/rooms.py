@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import uuid
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 from twisted.internet.defer import Deferred
@@ -332,11 +333,15 @@ class Hub:
         return session
 
     def _claim(self, transport: PeerTransport, req: JoinRequest, name: str, size: int,
-               verdict: Verdict) -> None:
+               verdict: Verdict, dead_epoch: str = "") -> None:
         """--cluster: a place no local peer holds is asked of Redis (``cluster.Link.claim``),
         where another node's peer may hold the id or fill the room. The newcomer waits as
         on the authorizer. Redis unreachable: ERROR and close 1013, so the client (or the
-        load balancer) tries again; the decided policy of docs/scaling.md."""
+        load balancer) tries again; the decided policy of docs/scaling.md.
+
+        A holder on another node is asked as a local one would be (``_contend``): its
+        node pings it (``remote_probe``); found dead, the newcomer claims again, replacing
+        only that holder (``dead_epoch``)."""
         link = self.cluster
         assert link is not None
         key = (name, req.id)
@@ -349,11 +354,12 @@ class Hub:
         mode = self.config.room_by
         # Who may replace a holder on another node: the authorizer's grant, else (not in
         # token mode, where the token names the room) a newcomer with the holder's token.
-        takeover = "2" if verdict.takeover else "0" if mode == "token" else "1"
+        takeover = "2" if verdict.takeover else "3" if dead_epoch else \
+            "0" if mode == "token" else "1"
         self.claiming.add(key)
         self.waiting[transport] = None
         d = link.claim(name, req.id, req.token, size, takeover,
-                       self.config.room_events and mode != "none")
+                       self.config.room_events and mode != "none", dead_epoch)
 
         def answered(claim: Claim) -> None:
             self.claiming.discard(key)
@@ -372,6 +378,9 @@ class Hub:
                 transport.close_with(CLOSE_GOING_AWAY, "Server shutting down")
             elif claim.outcome in ("ok", "takeover") and not won:
                 self._over_limits(req, transport)
+            elif claim.outcome == "taken" and claim.old is not None and not dead_epoch \
+                    and self.config.takeover_probe:
+                self._probe_remote(transport, req, name, size, verdict, claim.old)
             elif claim.outcome == "taken":
                 self._refuse(transport, req, key)
             elif claim.outcome == "full":
@@ -397,6 +406,59 @@ class Hub:
 
         d.addCallbacks(answered, failed).addErrback(
             lambda f: log.failure("cluster: a claim's answer failed", failure=f))
+
+    def _probe_remote(self, transport: PeerTransport, req: JoinRequest, name: str,
+                      size: int, verdict: Verdict, old: tuple[str, str]) -> None:
+        assert self.cluster is not None
+        key = (name, req.id)
+        self.claiming.add(key)
+        self.waiting[transport] = None
+        self.stats.probes["started"] += 1
+
+        def answered(alive: bool) -> None:
+            self.claiming.discard(key)
+            self.stats.probes["holder_alive" if alive else "holder_dead"] += 1
+            if self.waiting.get(transport, False) is not None:
+                return  # the newcomer left meanwhile
+            del self.waiting[transport]
+            if alive:
+                self._refuse(transport, req, key)
+            else:
+                self._claim(transport, req, name, size, verdict, dead_epoch=old[1])
+
+        self.cluster.probe(old, name, req.id).addCallback(answered).addErrback(
+            lambda f: log.failure("cluster: a probe's answer failed", failure=f))
+
+    def remote_probe(self, room_name: str, peer_id: str, epoch: str,
+                     answer: Callable[[bool], None]) -> None:
+        """Another node's newcomer asks for ``peer_id``, held here with ``epoch``: alive if
+        heard from within the last tenth of the probe window, or if it answers a ping
+        within the window; dead if it does not, or is not here (a row left behind)."""
+        room = self.rooms.get(room_name)
+        cluster = self.cluster
+        if room is None or cluster is None:
+            answer(False)
+            return
+        away = room.away.get(peer_id)
+        if away is not None:
+            answer(cluster.epoch_of(away) == epoch)  # its place is kept for its grace
+            return
+        holder = room.peers.get(peer_id)
+        if holder is None or cluster.epoch_of(holder) != epoch:
+            answer(False)
+            return
+        now = self.clock.seconds()
+        window = self.config.takeover_probe
+        if now - holder.last_seen < window * FRESH:
+            answer(True)
+            return
+        holder.pinged_at = now
+        holder.transport.send_ping()
+
+        def verdict() -> None:
+            answer(holder.state == OPEN and holder.last_seen >= now)
+
+        self.clock.callLater(window, verdict)
 
     def _claimed(self, transport: PeerTransport, req: JoinRequest, name: str, size: int,
                  claim: Claim) -> None:

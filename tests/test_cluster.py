@@ -8,9 +8,12 @@ the module is skipped only when no ``redis-server`` binary can be found, and say
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
+import os
 import signal
+import socket
 import time
 import warnings
 from collections.abc import Iterator
@@ -382,3 +385,43 @@ def test_an_app_message_to_the_room_reaches_every_node(tmp_path: Path, redis: Re
         for ws in (b, c):
             got = frames_until(ws, "GAME")
             assert got["src"] == "a" and got["payload"] == {"move": 1}
+
+
+def silent_peer(node: ServerProcess, peer_id: str, token: str = "room1") -> socket.socket:
+    """A client that joins and then reads nothing and answers nothing (a page whose network
+    went away without a FIN): pings to it go unanswered."""
+    sock = socket.create_connection(("127.0.0.1", node.port), timeout=5)
+    key = base64.b64encode(os.urandom(16)).decode()
+    sock.sendall((f"GET /peerjs?key=peerjs&id={peer_id}&token={token}&version=1.5.5 HTTP/1.1\r\n"
+                  f"Host: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                  f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n").encode())
+    seen = b""
+    while b'{"type":"OPEN"}' not in seen:
+        chunk = sock.recv(4096)
+        assert chunk, seen
+        seen += chunk
+    return sock
+
+
+def test_a_holder_on_another_node_is_probed(tmp_path: Path, redis: Redis) -> None:
+    with cluster(tmp_path, redis, 2) as nodes:
+        # A live holder answers its node's ping: the newcomer gets ID-TAKEN.
+        nodes.dial(0, "alive")
+        time.sleep(0.3)
+        _, first = nodes.dial(1, "alive", expect_open=False)
+        assert first["type"] == "ID-TAKEN"
+        # A silent one does not: the newcomer on the other node takes its id over.
+        silent = silent_peer(nodes.nodes[0], "silent")
+        try:
+            mate, _ = nodes.dial(1, "mate")
+            time.sleep(0.3)
+            started = time.monotonic()
+            new, first = nodes.dial(1, "silent", expect_open=False)
+            assert first == {"type": "OPEN"}
+            print(f"takeover after {time.monotonic() - started:.2f} s")
+            mate.send(offer("silent", "to-the-new-one"))
+            assert frames_until(new, "OFFER")["payload"]["sdp"]["sdp"] == "to-the-new-one"
+            assert redis.cli("HGET", "ps:ids:{room1}", "silent").startswith(
+                nodes.nodes[1].get_json("/health")["node"] + "|")
+        finally:
+            silent.close()
