@@ -123,6 +123,8 @@ class AdminRoot(Resource):
         room = hub.room_named(name)
         if len(parts) == 4:
             return self._remove_peer(request, name, room, parts[3])
+        if hub.cluster is not None:
+            return self._cluster_room(request, method, name, room)
         if room is None:
             raise AdminError(404, "No such room")
         if method == b"GET":
@@ -144,6 +146,40 @@ class AdminRoot(Resource):
                           "peers": peers,
                           "created": _ms(local.created) if local is not None else None})
         return {"rooms": rooms}
+
+    def _cluster_room(self, request: Request, method: bytes, name: str,
+                      room: Room | None) -> Deferred[Any]:
+        """--cluster: ``GET /rooms/R`` lists every node's members (``node`` says where;
+        ``since`` and ``away`` are known for this node's only, null for others');
+        ``DELETE /rooms/R`` asks every node to remove its members."""
+        hub = self.hub
+        link = hub.cluster
+        assert link is not None
+        key = hub.room_key(name)
+        assert key is not None
+        reason = self._reason(request) if method == b"DELETE" else ""
+
+        def answer(members: dict[str, str]) -> Any:
+            if not members and room is None:
+                raise AdminError(404, "No such room")
+            if method == b"DELETE":
+                removed = len(members)
+                link.close_room(key, reason)
+                if room is not None:
+                    hub.close_room(room, reason)
+                log.info("admin closed room {room} on every node", event="admin",
+                         room=room.tag if room is not None else "-")
+                return {"removed": removed}
+            described = self._describe(room) if room is not None else {
+                "room": name, "created": None, "peers": []}
+            local = {p["id"] for p in described["peers"]}
+            for peer in described["peers"]:
+                peer["node"] = link.node
+            described["peers"] += [{"id": i, "since": None, "away": None, "node": node}
+                                   for i, node in members.items() if i not in local]
+            return described
+
+        return link.members(key).addCallback(answer)
 
     def _describe(self, room: Room) -> Any:
         show_address = self.hub.config.log_peers

@@ -633,6 +633,18 @@ class Link(Service):
                                                                        reason])])
         return d.addCallback(lambda receivers: receivers > 0)
 
+    def members(self, room: str) -> Deferred[dict[str, str]]:
+        """``room``'s members on every node: id -> node."""
+        def rows(flat: list[bytes]) -> dict[str, str]:
+            return {flat[i].decode(): flat[i + 1].decode().partition("|")[0]
+                    for i in range(0, len(flat), 2)}
+
+        return self._call("HGETALL", _ids_key(room)).addCallback(rows)
+
+    def close_room(self, room: str, reason: str) -> None:
+        """Every other node removes its members of ``room`` (admin ``DELETE /rooms/R``)."""
+        self.publish("ps:ev", ["close", room, self.node, reason])
+
     def rooms(self) -> Deferred[dict[str, int]]:
         """Every room with a member on any node: name -> members (away ones included)."""
         def pairs(flat: list[Any]) -> dict[str, int]:
@@ -693,6 +705,10 @@ class Link(Service):
             answer = self.probes.pop(ref, None)
             if answer is not None:
                 answer.callback(bool(alive))
+        elif kind == "close":
+            _, room, node, reason = message
+            if node != self.node:
+                hub.remote_close(room, reason)
         elif kind == "remove":
             _, room, peer_id, reason = message
             hub.remote_remove(room, peer_id, reason)

@@ -979,6 +979,12 @@ class Hub:
             if emptied:
                 self.events.event("room_finished", self._public(room_name))
 
+    def remote_close(self, room_name: str, reason: str) -> None:
+        """The admin API of another node closes ``room_name``: its members here go."""
+        room = self.rooms.get(room_name)
+        if room is not None:
+            self.close_room(room, reason)
+
     def remote_remove(self, room_name: str, peer_id: str, reason: str) -> None:
         """The admin API of another node removes ``peer_id`` (``remove``)."""
         room = self.rooms.get(room_name)

@@ -288,13 +288,23 @@ def test_the_admin_api_of_any_node_sees_and_bans_across_the_cluster(tmp_path: Pa
     bases = [f"http://127.0.0.1:{port}" for port in ports]
     nodes.start()
     try:
-        nodes.dial(0, "a", "red")
+        a, _ = nodes.dial(0, "a", "red")
         nodes.dial(0, "a2", "red")
         b, _ = nodes.dial(1, "b", "blue")
         for base in bases:
             status, body = admin(base, "GET", "/rooms")
             assert status == 200
             assert {r["room"]: r["peers"] for r in body["rooms"]} == {"red": 2, "blue": 1}
+        node0 = nodes.nodes[0].get_json("/health")["node"]
+        status, body = admin(bases[1], "GET", "/rooms/red")
+        assert status == 200
+        assert sorted((p["id"], p["node"]) for p in body["peers"]) == [("a", node0),
+                                                                       ("a2", node0)]
+        assert admin(bases[1], "GET", "/rooms/green")[0] == 404
+        # Node 1 closes a room whose members are on node 0.
+        status, body = admin(bases[1], "DELETE", "/rooms/red?reason=Closed")
+        assert (status, body) == (200, {"removed": 2})
+        assert frames_until(a, "ERROR")["payload"]["msg"] == "Closed"
         # Node 0 removes and bans a peer connected to node 1.
         status, body = admin(bases[0], "DELETE", "/rooms/blue/peers/b?ban=600&reason=Go")
         assert status == 200 and body["removed"] is True and "banned_until" in body
@@ -425,3 +435,19 @@ def test_a_holder_on_another_node_is_probed(tmp_path: Path, redis: Redis) -> Non
                 nodes.nodes[1].get_json("/health")["node"] + "|")
         finally:
             silent.close()
+
+
+def test_a_subscriber_cut_off_by_redis_subscribes_again(tmp_path: Path, redis: Redis) -> None:
+    with cluster(tmp_path, redis, 2) as nodes:
+        a, _ = nodes.dial(0, "a")
+        b, _ = nodes.dial(1, "b")
+        assert redis.cli("CLIENT", "KILL", "TYPE", "pubsub") == "2"
+        # Both nodes' subscribers reconnect and subscribe again; meanwhile /health may dip.
+        deadline = time.monotonic() + 10
+        while redis.cli("PUBSUB", "NUMSUB", "ps:ev").split()[-1] != "2":
+            assert time.monotonic() < deadline, "not subscribed again"
+            time.sleep(0.1)
+        for node in nodes.nodes:
+            nodes.wait_health(node, "ok")
+        a.send(offer("b", "again"))
+        assert frames_until(b, "OFFER")["payload"]["sdp"]["sdp"] == "again"
