@@ -78,6 +78,14 @@ class HubCollector:
         yield _histogram("peersig_relay_seconds",
                          "Time to handle one inbound frame (one in 64 is timed).",
                          stats.relay_seconds)
+        if hub.cluster is not None:
+            yield GaugeMetricFamily("peersig_cluster_up", "1 while this node can reach the "
+                                    "cluster's Redis (lease held, subscriber hearing its own "
+                                    "probe), else 0: joins are refused, cross-node sends "
+                                    "EXPIRE.", value=1 if hub.cluster.ok else 0)
+            yield GaugeMetricFamily("peersig_cluster_pending_releases", "Rows this node "
+                                    "gave back that Redis has not confirmed yet.",
+                                    value=len(hub.cluster.releases))
 
 
 def _labelled(name: str, doc: str, label: str, counts: dict[str, int]) -> Metric:

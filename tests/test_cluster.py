@@ -258,6 +258,8 @@ def test_redis_away_for_ten_seconds(tmp_path: Path, redis: Redis, how: str) -> N
             _, first = nodes.dial(1, "newcomer", expect_open=False)
             assert first["type"] == "ERROR"
             assert nodes.nodes[0].get("/health")[0] == 503
+            assert nodes.nodes[0].metric("peersig_cluster_up") == 0
+            assert nodes.nodes[0].metric("peersig_drops_total", reason="cluster") >= 1
             time.sleep(4)
         finally:
             if how == "stopped":
@@ -274,6 +276,7 @@ def test_redis_away_for_ten_seconds(tmp_path: Path, redis: Redis, how: str) -> N
         for ws in (a, a2, b):
             ws.send(json.dumps({"type": "HEARTBEAT"}))
         assert [n.get_json("/health")["peers"] for n in nodes.nodes] == [2, 1]
+        assert nodes.nodes[0].metric("peersig_cluster_up") == 1
         assert sorted(redis.cli("HKEYS", "ps:ids:{room1}").split()) == ["a", "a2", "b"]
 
 
