@@ -165,6 +165,7 @@ end
 if not ok then return 0 end
 local t = redis.call('TIME')
 redis.call('ZADD', 'ps:nodes', t[1] * 1000 + math.floor(t[2] / 1000), ARGV[1])
+if redis.call('DEL', 'ps:reaped:' .. ARGV[1]) == 1 then return 2 end
 return 1
 """
 
@@ -187,6 +188,7 @@ for _, node in ipairs(late) do
       end
     end
     redis.call('DEL', 'ps:peers:' .. node)
+    redis.call('SET', 'ps:reaped:' .. node, '1', 'PX', 3600000)
     redis.call('ZREM', 'ps:nodes', node)
   end
 end
@@ -404,7 +406,15 @@ class Link(Service):
             log.info("cluster: node {node} leased", node=self.node)
             self.leased = True
             self.steady_since = self.clock.seconds()
-            if self.rows:
+            if result == 2 and self.rows:
+                # Other nodes reaped this one while it could not reach Redis (a partition
+                # of this node alone): its peers' room-mates were told LEAVE. They come
+                # back as newcomers, whom their room-mates hear of.
+                log.warn("cluster: this node was reaped while away: closing its peers")
+                self.fence()
+                self.leased = True
+                self.steady_since = self.clock.seconds()
+            elif self.rows:
                 self._reassert()
         elif self.steady_since is not None and \
                 self.clock.seconds() - self.steady_since >= 2 * LEASE:

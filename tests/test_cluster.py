@@ -14,6 +14,7 @@ import json
 import os
 import signal
 import socket
+import threading
 import time
 import warnings
 from collections.abc import Iterator
@@ -454,3 +455,84 @@ def test_a_subscriber_cut_off_by_redis_subscribes_again(tmp_path: Path, redis: R
             nodes.wait_health(node, "ok")
         a.send(offer("b", "again"))
         assert frames_until(b, "OFFER")["payload"]["sdp"]["sdp"] == "again"
+
+
+class Blackhole:
+    """TCP on loopback to Redis's Unix socket, for one node: ``block`` cuts its connections
+    and refuses new ones (a partition of that node alone) until ``unblock``."""
+
+    def __init__(self, target: Path) -> None:
+        self.target = target
+        self.blocked = threading.Event()
+        self.conns: list[socket.socket] = []
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port = self.server.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.server.accept()
+            except OSError:
+                return
+            if self.blocked.is_set():
+                client.close()
+                continue
+            upstream = socket.socket(socket.AF_UNIX)
+            upstream.connect(str(self.target))
+            self.conns += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(a: socket.socket, b: socket.socket) -> None:
+        try:
+            while data := a.recv(65536):
+                b.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (a, b):
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+
+    def block(self) -> None:
+        self.blocked.set()
+        for s in self.conns:
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+        self.conns = []
+
+    def close(self) -> None:
+        self.server.close()
+        self.block()
+
+
+def test_a_node_cut_off_from_redis_alone_is_reaped_and_closes_its_peers(
+        tmp_path: Path, redis: Redis) -> None:
+    """A partition of one node: the others reap it (its peers' room-mates hear LEAVE); when
+    it reaches Redis again it closes its peers (1012), who come back as newcomers."""
+    proxy = Blackhole(redis.socket)
+    nodes = Nodes(tmp_path, redis, 2, [])
+    args = nodes.nodes[1].args
+    args[args.index("--cluster") + 1] = f"redis://127.0.0.1:{proxy.port}/0"
+    nodes.start()
+    try:
+        a, _ = nodes.dial(0, "a")
+        b, _ = nodes.dial(1, "b")
+        time.sleep(STEADY)
+        proxy.block()
+        assert frames_until(a, "LEAVE", timeout=10)["src"] == "b"
+        status, _, body = nodes.nodes[1].get("/health")
+        assert status == 503 and json.loads(body)["peers"] == 1  # b stays on its node
+        proxy.blocked.clear()
+        with pytest.raises(ConnectionClosed) as closed:
+            while True:
+                b.recv(timeout=15)
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == 1012
+        nodes.wait_health(nodes.nodes[1], "ok")
+        nodes.dial(1, "b")
+        assert sorted(redis.cli("HKEYS", "ps:ids:{room1}").split()) == ["a", "b"]
+    finally:
+        nodes.stop()
+        proxy.close()
