@@ -1308,10 +1308,13 @@ class Hub:
 
     # -- HTTP helpers ----------------------------------------------------------------------
 
-    def _http_room(self, key: str, token: str) -> Room | None:
+    def http_room_name(self, key: str, token: str) -> str:
+        """The room an HTTP request's key and token name (``/peers``, ``/id``)."""
         mode = self.config.room_by
-        name = key if mode == "key" else "" if mode == "none" else token
-        return self.rooms.get(name)
+        return key if mode == "key" else "" if mode == "none" else token
+
+    def _http_room(self, key: str, token: str) -> Room | None:
+        return self.rooms.get(self.http_room_name(key, token))
 
     def new_id(self, key: str) -> str:
         """A UUID4 no peer of the key's namespace holds (in ``token`` mode the room is

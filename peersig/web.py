@@ -225,7 +225,28 @@ class Root(Resource):
             request.setHeader(b"content-type", b"text/plain; charset=utf-8")
             return b"Unauthorized"
         token = request.args.get(b"token", [b""])[0].decode("utf-8", "replace")
-        return _json(request, self.hub.list_peers(key, token))
+        cluster = self.hub.cluster
+        if cluster is None:
+            return _json(request, self.hub.list_peers(key, token))
+        # --cluster: every node's peers of the room, from Redis.
+        finished = request.notifyFinish()
+        finished.addErrback(lambda _: None)
+
+        def listed(members: dict[str, str]) -> bytes:
+            return _json(request, list(members))
+
+        def failed(failure: Failure) -> bytes:
+            request.setResponseCode(503)
+            return _json(request, {"error": "The cluster's Redis did not answer"})
+
+        def write(body: bytes) -> None:
+            if not finished.called:
+                request.write(body)
+                request.finish()
+
+        cluster.members(self.hub.http_room_name(key, token)).addCallbacks(
+            listed, failed).addCallback(write)
+        return NOT_DONE_YET  # type: ignore[return-value]
 
 
 def _arg(args: dict[bytes, list[bytes]], name: bytes) -> str:

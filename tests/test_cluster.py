@@ -536,3 +536,12 @@ def test_a_node_cut_off_from_redis_alone_is_reaped_and_closes_its_peers(
     finally:
         nodes.stop()
         proxy.close()
+
+
+def test_discovery_lists_every_nodes_peers(tmp_path: Path, redis: Redis) -> None:
+    with cluster(tmp_path, redis, 2, ["--room-by", "none", "--allow-discovery"]) as nodes:
+        nodes.dial(0, "a", "t1")
+        nodes.dial(1, "b", "t2")
+        for node in nodes.nodes:
+            status, _, body = node.get("/peerjs/peers")
+            assert status == 200 and sorted(json.loads(body)) == ["a", "b"]
