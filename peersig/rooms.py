@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from . import tokens
 from .auth import Verdict
@@ -773,10 +774,20 @@ class Hub:
         """``--room-events``: the newcomer gets PEERS (its room-mates' ids, in the order
         they joined; with --cluster, ``members``, every node's, as Redis lists them), and
         they get JOIN, unless it took its own id over (a reconnect: nobody was told it
-        left)."""
+        left). With --cluster and no ``members`` (a takeover or resume on this node), PEERS
+        follows when Redis has listed them (this node's, if it cannot)."""
         peers = session.room.peers
-        others = [i for i in members or session.room.members() if i != session.id]
-        session.transport.send_frame(peers_frame(others))
+        if members is None and self.cluster is not None:
+            def listed(ids: dict[str, str] | Failure) -> None:
+                if session.state == OPEN:
+                    found = list(ids) if isinstance(ids, dict) else session.room.members()
+                    session.transport.send_frame(
+                        peers_frame([i for i in found if i != session.id]))
+
+            self.cluster.members(session.room.name).addBoth(listed)
+        else:
+            others = [i for i in members or session.room.members() if i != session.id]
+            session.transport.send_frame(peers_frame(others))
         if outcome == "opened":
             frame = join_frame(session.id)
             for other in peers.values():

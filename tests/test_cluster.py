@@ -123,11 +123,19 @@ def offer(dst: str, sdp: str = "v=0") -> str:
                                    "connectionId": "mc_1"}})
 
 
-@pytest.mark.parametrize("mode", ["none", "token"])
+@pytest.mark.parametrize("mode", ["none", "token", "key"])
 def test_offer_answer_candidate_cross_nodes(tmp_path: Path, redis: Redis, mode: str) -> None:
     with cluster(tmp_path, redis, 2, ["--room-by", mode]) as nodes:
-        a, _ = nodes.dial(0, "alice")
-        b, _ = nodes.dial(1, "bob")
+        if mode == "key":  # the room is the key
+            a = nodes.sockets.enter_context(connect(
+                nodes.nodes[0].ws_url("alice", "t1", key="app"), open_timeout=5))
+            b = nodes.sockets.enter_context(connect(
+                nodes.nodes[1].ws_url("bob", "t2", key="app"), open_timeout=5))
+            for ws in (a, b):
+                assert json.loads(ws.recv(timeout=5)) == {"type": "OPEN"}
+        else:
+            a, _ = nodes.dial(0, "alice")
+            b, _ = nodes.dial(1, "bob")
         for i in range(20):  # in order per sender
             a.send(offer("bob", f"o{i}"))
         for i in range(20):
@@ -545,3 +553,34 @@ def test_discovery_lists_every_nodes_peers(tmp_path: Path, redis: Redis) -> None
         for node in nodes.nodes:
             status, _, body = node.get("/peerjs/peers")
             assert status == 200 and sorted(json.loads(body)) == ["a", "b"]
+
+
+def test_room_events_reach_every_node(tmp_path: Path, redis: Redis) -> None:
+    with cluster(tmp_path, redis, 2, ["--room-events"]) as nodes:
+        a, _ = nodes.dial(0, "a")
+        assert frames_until(a, "PEERS")["payload"] == {"peers": []}
+        b, _ = nodes.dial(1, "b")
+        assert frames_until(b, "PEERS")["payload"] == {"peers": ["a"]}
+        assert frames_until(a, "JOIN")["src"] == "b"
+        c, _ = nodes.dial(0, "c")
+        assert sorted(frames_until(c, "PEERS")["payload"]["peers"]) == ["a", "b"]
+        assert frames_until(b, "JOIN")["src"] == "c"
+        b.close(code=1001)
+        for ws in (a, c):
+            assert frames_until(ws, "LEAVE")["src"] == "b"
+            assert frames_until(ws, "PART")["src"] == "b"
+
+
+def test_a_reconnect_on_its_node_hears_of_every_nodes_members(tmp_path: Path,
+                                                              redis: Redis) -> None:
+    with cluster(tmp_path, redis, 2, ["--room-by", "key", "--room-events"]) as nodes:
+        def join(node: int, peer_id: str, token: str) -> ClientConnection:
+            ws = nodes.sockets.enter_context(connect(
+                nodes.nodes[node].ws_url(peer_id, token, key="app"), open_timeout=5))
+            assert json.loads(ws.recv(timeout=5)) == {"type": "OPEN"}
+            return ws
+
+        join(0, "a", "t1")
+        join(1, "b", "t2")
+        again = join(0, "a", "t1")  # the same token: a takeover on node 0
+        assert frames_until(again, "PEERS")["payload"] == {"peers": ["b"]}
