@@ -42,7 +42,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.haproxy import (  # noqa: E402
+from bench.haproxy import (
     BENCH,
     ROOT,
     Generator,
@@ -184,7 +184,7 @@ def report(runs: list[dict], args, raw: Path) -> str:
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for name, rs in by.items():
-        def med(f):
+        def med(f, rs=rs):
             return median([f(r) for r in rs])
         lines.append(
             f"| {SETUPS[name][2]} | {med(lambda r: r['msgs_per_s']):,.0f} "
@@ -192,6 +192,9 @@ def report(runs: list[dict], args, raw: Path) -> str:
             f"| {med(lambda r: r['us_per_msg']['redis']):.1f} "
             f"| {med(lambda r: r['us_per_msg']['generator']):.1f} "
             f"| {med(lambda r: r['rtt_ms_p50']):.2f} | {med(lambda r: r['rtt_ms_p99']):.2f} |")
+    model = _model(by)
+    if model:
+        lines += ["", *model]
     lines += ["", "Each round's figures:", "",
               "| setup | round | msg/s | peersig µs/msg | redis µs/msg | peers per node "
               "| drops |", "|---|---:|---:|---:|---:|---|---:|"]
@@ -200,6 +203,43 @@ def report(runs: list[dict], args, raw: Path) -> str:
                      f"| {run['us_per_msg']['peersig']:.1f} | {run['us_per_msg']['redis']:.1f} "
                      f"| {run['per_node']} | {run['drops']} |")
     return "\n".join(lines) + "\n"
+
+
+def _model(by: dict[str, list[dict]]) -> list[str]:
+    """Capacity on more cores than this machine has, from the per-message costs: with k
+    nodes behind a round-robin balancer the two peers of a pair share a node with chance
+    1/k, so a message costs (1/k) same + (1 - 1/k) cross; k cores give k / that, and
+    Redis (one core) caps the crossing ones."""
+    if not {"one", "cross-2"} <= by.keys():
+        return []
+    same = median([r["us_per_msg"]["peersig"] for r in by.get("same-2", by["one"])])
+    cross = median([r["us_per_msg"]["peersig"] for r in by["cross-2"]])
+    redis = median([r["us_per_msg"]["redis"] for r in by["cross-2"]])
+    one = median([r["us_per_msg"]["peersig"] for r in by["one"]])
+    out = [
+        "**A model for more cores.** Per relayed message, peersig spends "
+        f"{one:.1f} µs of CPU in one process, {same:.1f} µs in a cluster when both peers "
+        f"share a node, and {cross:.1f} µs (both nodes together) when they do not; Redis "
+        f"spends {redis:.1f} µs on a crossing one. Behind a round-robin balancer, with k "
+        "nodes on k cores, a pair shares a node with chance 1/k:",
+        "",
+        "| nodes (cores) | CPU per message | msg/s the nodes can relay "
+        "| msg/s one Redis core can route |",
+        "|---:|---:|---:|---:|",
+    ]
+    for k in (1, 2, 4, 8, 16):
+        if k == 1:
+            cost = one
+            redis_cap = "—"
+        else:
+            cost = same / k + cross * (1 - 1 / k)
+            redis_cap = f"{1e6 / (redis * (1 - 1 / k)):,.0f}" if redis else "—"
+        out.append(f"| {k} | {cost:.1f} µs | {k * 1e6 / cost:,.0f} | {redis_cap} |")
+    out += ["", "The model leaves out what the measurement on 2 shared cores includes "
+            "(loopback softirq, the generator) and what more machines add (network round "
+            "trips to Redis). Pinning rooms to nodes (docs/scaling.md) keeps every relay "
+            "on its node, at the same-node cost."]
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
