@@ -210,6 +210,7 @@ def test_a_same_token_reconnect_on_another_node_takes_the_id_over(tmp_path: Path
         assert frames_until(new, "OFFER")["payload"]["sdp"]["sdp"] == "to-new"
 
 
+@pytest.mark.chaos
 def test_a_killed_node_is_reaped_within_five_seconds(tmp_path: Path, redis: Redis) -> None:
     with cluster(tmp_path, redis, 2) as nodes:
         a, _ = nodes.dial(0, "stays")
@@ -219,12 +220,14 @@ def test_a_killed_node_is_reaped_within_five_seconds(tmp_path: Path, redis: Redi
         nodes.nodes[1].signal(signal.SIGKILL)
         assert frames_until(a, "LEAVE", timeout=8)["src"] == "dies"
         took = time.monotonic() - started
-        assert took < 5.5, f"LEAVE after {took:.1f} s"
+        print(f"LEAVE {took:.2f} s after the kill")
+        assert took < 5.0, f"LEAVE after {took:.1f} s"
         # Its id is free.
         nodes.dial(0, "dies")
         assert redis.cli("HLEN", "ps:ids:{room1}") == "2"
 
 
+@pytest.mark.chaos
 def test_a_stalled_node_comes_back_without_ghosts(tmp_path: Path, redis: Redis) -> None:
     with cluster(tmp_path, redis, 2) as nodes:
         a, _ = nodes.dial(0, "steady")
@@ -246,6 +249,7 @@ def test_a_stalled_node_comes_back_without_ghosts(tmp_path: Path, redis: Redis) 
                    for row in rows[1::2])
 
 
+@pytest.mark.chaos
 @pytest.mark.parametrize("how", ["stopped", "hung"])
 def test_redis_away_for_ten_seconds(tmp_path: Path, redis: Redis, how: str) -> None:
     with cluster(tmp_path, redis, 2) as nodes:
@@ -335,6 +339,7 @@ def test_the_admin_api_of_any_node_sees_and_bans_across_the_cluster(tmp_path: Pa
         nodes.stop()
 
 
+@pytest.mark.chaos
 def test_a_drained_node_hands_its_peers_over(tmp_path: Path, redis: Redis) -> None:
     with cluster(tmp_path, redis, 2) as nodes:
         stays, _ = nodes.dial(0, "stays")
@@ -357,6 +362,7 @@ def test_a_drained_node_hands_its_peers_over(tmp_path: Path, redis: Redis) -> No
         assert sorted(redis.cli("HKEYS", "ps:ids:{room1}").split()) == ["mover", "stays"]
 
 
+@pytest.mark.chaos
 def test_a_short_redis_stall_is_ridden_out(tmp_path: Path, redis: Redis) -> None:
     """A stall longer than a call's deadline (1 s) but shorter than a lease: the node's
     calls fail meanwhile, and it is whole again right after."""
@@ -516,6 +522,7 @@ class Blackhole:
         self.block()
 
 
+@pytest.mark.chaos
 def test_a_node_cut_off_from_redis_alone_is_reaped_and_closes_its_peers(
         tmp_path: Path, redis: Redis) -> None:
     """A partition of one node: the others reap it (its peers' room-mates hear LEAVE); when
