@@ -1,0 +1,255 @@
+"""The Hub's side of --cluster, synchronously on a fake clock: a stub stands in for
+``cluster.Link`` (Redis), so that what the Hub does with each of its answers, and with what
+other nodes say, is tested without processes. tests/test_cluster.py runs the real thing."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from twisted.internet.defer import Deferred, succeed
+
+from peersig.cluster import Claim
+from peersig.rooms import JoinRequest
+from peersig.session import Session
+
+from .fakes import FakeTransport, World
+
+
+class StubLink:
+    """Records what the Hub asks; the test answers claims and probes."""
+
+    node = "here"
+
+    def __init__(self) -> None:
+        self.ok = True
+        self.rows: dict[Session, str] = {}
+        self.releases: dict[tuple[str, str], str] = {}
+        self.calls: list[tuple[Any, ...]] = []
+        self.claims: list[tuple[str, str, str, Deferred[Claim]]] = []
+        self.probes: list[tuple[tuple[str, str], Deferred[bool]]] = []
+        self.room_members: dict[str, str] = {}
+
+    def claim(self, room: str, peer_id: str, token: str, cap: int, takeover: str,
+              members: bool, dead_epoch: str = "") -> Deferred[Claim]:
+        answer: Deferred[Claim] = Deferred()
+        self.claims.append((peer_id, takeover, dead_epoch, answer))
+        return answer
+
+    def joined(self, session: Session, row: str, old: tuple[str, str] | None) -> None:
+        self.rows[session] = row
+        self.calls.append(("joined", session.id, old))
+
+    def unclaim(self, room: str, peer_id: str, row: str) -> None:
+        self.calls.append(("unclaim", peer_id, row))
+
+    def displace(self, room: str, peer_id: str, old: tuple[str, str]) -> None:
+        self.calls.append(("displace", peer_id, old))
+
+    def left(self, session: Session, leave: bool, part: bool) -> None:
+        self.rows.pop(session, None)
+        self.calls.append(("left", session.id, leave, part))
+
+    def relay(self, sender: Session, room: Any, dst: str, mtype: str, frame: bytes) -> None:
+        self.calls.append(("relay", sender.id, dst, frame))
+
+    def forward(self, node: str, room: str, dst: str, src: str, origin: str,
+                frame: bytes) -> None:
+        self.calls.append(("forward", node, dst, src, origin))
+
+    def expired(self, node: str, room: str, src: str, dst: str) -> None:
+        self.calls.append(("expired", node, src, dst))
+
+    def epoch_of(self, session: Session) -> str:
+        row = self.rows.get(session, "")
+        return row.split("|")[1] if row else ""
+
+    def inherit(self, old: Session, new: Session) -> None:
+        row = self.rows.pop(old, None)
+        if row is not None:
+            self.rows[new] = row
+
+    def members(self, room: str) -> Deferred[dict[str, str]]:
+        return succeed(dict(self.room_members))
+
+    def broadcast(self, room: str, frame: bytes) -> None:
+        self.calls.append(("broadcast", room))
+
+    def probe(self, old: tuple[str, str], room: str, peer_id: str) -> Deferred[bool]:
+        answer: Deferred[bool] = Deferred()
+        self.probes.append((old, answer))
+        return answer
+
+
+def clustered(**config: Any) -> tuple[World, StubLink]:
+    world = World(**config)
+    link = StubLink()
+    world.hub.cluster = link  # type: ignore[assignment]
+    return world, link
+
+
+def ok(row: str = "here|e1|t", old: tuple[str, str] | None = None,
+       members: list[str] | None = None) -> Claim:
+    return Claim("ok" if old is None else "takeover", row, members or [], old, old is None)
+
+
+def join(world: World, link: StubLink, peer_id: str, answer: Claim | None = None,
+         token: str = "room1") -> FakeTransport:
+    """A newcomer whose claim Redis answers with ``answer`` (ok by default)."""
+    transport = world.connect(peer_id, token)
+    assert transport.session is None and transport.frames == []  # it waits on Redis
+    _, _, _, claim = link.claims[-1]
+    claim.callback(answer or ok(f"here|{peer_id}|t"))
+    return transport
+
+
+def test_a_claim_won_opens_and_is_announced() -> None:
+    world, link = clustered()
+    a = join(world, link, "a")
+    assert a.types() == ["OPEN"] and a.session is not None
+    assert link.calls == [("joined", "a", None)]
+
+
+def test_a_claim_lost_is_id_taken_and_a_full_room_is_full() -> None:
+    world, link = clustered(takeover_probe=0.0)
+    taken = join(world, link, "a", Claim("taken", "", [], ("there", "e9"), False))
+    assert taken.types() == ["ID-TAKEN"] and taken.closed == (1008, "ID is taken")
+    full = join(world, link, "b", Claim("full", "", [], None, False))
+    assert full.messages()[0]["payload"]["msg"].startswith("Room is full")
+
+
+def test_a_newcomer_gone_before_the_answer_gives_its_row_back() -> None:
+    world, link = clustered()
+    transport = world.connect("a")
+    world.hub.withdraw(transport)
+    link.claims[-1][3].callback(ok("here|x|t", old=("there", "e9")))
+    # The former holder still gives way (its row is not its own any more); ours goes back.
+    assert link.calls == [("displace", "a", ("there", "e9")), ("unclaim", "a", "here|x|t")]
+    assert transport.frames == []
+
+
+def test_limits_are_checked_again_when_claims_come_back() -> None:
+    world, link = clustered(max_peers=1)
+    first, second = world.connect("a"), world.connect("b")
+    link.claims[0][3].callback(ok("here|1|t"))
+    link.claims[1][3].callback(ok("here|2|t"))
+    assert first.types() == ["OPEN"]
+    assert second.types() == ["ERROR"] and ("unclaim", "b", "here|2|t") in link.calls
+
+
+def test_redis_unreachable_refuses_the_join_with_1013() -> None:
+    world, link = clustered()
+    link.ok = False
+    transport = world.connect("a")
+    assert transport.closed is not None and transport.closed[0] == 1013
+    assert link.claims == []
+
+
+def test_a_holder_elsewhere_is_probed_and_replaced_only_when_dead() -> None:
+    world, link = clustered()
+    alive = world.connect("a")
+    link.claims[-1][3].callback(Claim("taken", "", [], ("there", "e1"), False))
+    (old, answer), = link.probes
+    assert old == ("there", "e1") and alive.frames == []  # it waits on the probe
+    answer.callback(True)
+    assert alive.types() == ["ID-TAKEN"]
+
+    dead = world.connect("b")
+    link.claims[-1][3].callback(Claim("taken", "", [], ("there", "e2"), False))
+    link.probes[-1][1].callback(False)
+    peer_id, takeover, dead_epoch, again = link.claims[-1]
+    assert (peer_id, takeover, dead_epoch) == ("b", "3", "e2")  # only that holder
+    again.callback(ok("here|b|t", old=("there", "e2")))
+    assert dead.types() == ["OPEN"]
+    assert ("displace", "b", ("there", "e2")) in link.calls
+    assert world.hub.stats.takeovers["cluster"] == 1
+
+
+def test_a_local_holder_asked_by_another_node_is_pinged() -> None:
+    world, link = clustered(takeover_probe=1.0)
+    silent = join(world, link, "a")
+    silent.responsive = False
+    answers: list[bool] = []
+    world.clock.advance(2)
+    world.hub.remote_probe("room1", "a", "a", answers.append)
+    assert silent.pings == 1 and answers == []
+    world.clock.advance(1.0)
+    assert answers == [False]
+    world.hub.remote_probe("room1", "a", "stale-epoch", answers.append)
+    assert answers == [False, False]  # not the holder Redis named: a row left behind
+
+
+def test_frames_from_other_nodes_reach_their_peer_or_go_back_as_expire() -> None:
+    world, link = clustered()
+    b = join(world, link, "b")
+    b.take()
+    world.hub.remote_relay("room1", "b", "a", "there", b'{"type":"OFFER","src":"a"}')
+    assert b.types() == ["OFFER"]
+    world.hub.remote_relay("room1", "nobody", "a", "there", b"{}")
+    assert link.calls[-1] == ("expired", "there", "a", "nobody")
+
+
+def test_a_queue_here_goes_to_its_destination_joining_elsewhere() -> None:
+    world, link = clustered()
+    a = join(world, link, "a")
+    assert a.session is not None
+    # Redis knew no holder of x: the Hub's offline path queues it here.
+    world.hub._offline(a.session, a.session.room, "x", "OFFER", b"frame")
+    world.hub.remote_joined("room1", "x", "there", True)
+    assert link.calls[-1] == ("forward", "there", "x", "a", "here")
+    assert world.hub.queued_bytes == 0
+
+
+def test_a_departure_elsewhere_is_told_as_one_process_tells_it() -> None:
+    world, link = clustered(room_by="none")
+    a = join(world, link, "a", token="t1")
+    c = join(world, link, "c", token="t2")
+    a.take(), c.take()
+    world.hub.remote_left("", "b", True, False, ["a"])  # b talked to a only
+    assert [m["type"] for m in a.take()] == ["LEAVE"] and c.take() == []
+
+
+def test_a_takeover_elsewhere_closes_the_holder_here_unseen() -> None:
+    world, link = clustered()
+    a = join(world, link, "a")
+    mate = join(world, link, "mate")
+    a.take(), mate.take()
+    world.hub.remote_takeover("room1", "a", "a")  # "a" is its epoch (join() above)
+    assert a.closed == (1000, "Replaced by a new connection")
+    assert mate.take() == []
+    assert ("left", "a", False, False) in link.calls
+
+
+def test_room_started_and_finished_once_per_room() -> None:
+    from .test_departures import Events
+
+    world, link = clustered()
+    events = Events()
+    world.hub.events = events
+    join(world, link, "a", Claim("ok", "here|a|t", [], None, True))  # the room's first
+    b = join(world, link, "b", Claim("ok", "here|b|t", [], None, False))
+    assert [e[0] for e in events.seen] == ["room_started", "peer_joined", "peer_joined"]
+    world.close(b)
+    assert "room_finished" not in [e[0] for e in events.seen]  # Redis says when (release)
+    world.hub.room_finished("room1")
+    world.hub.node_lost("room1", "z", emptied=True)
+    assert events.seen[-3:] == [("room_finished", None, None),
+                                ("peer_left", "z", "node_lost"), ("room_finished", None, None)]
+
+
+def test_an_app_message_to_the_room_goes_to_every_node() -> None:
+    world, link = clustered(app_message_types=frozenset({"GAME"}))
+    a = join(world, link, "a")
+    world.send(a, {"type": "GAME", "payload": {}})
+    assert ("broadcast", "room1") in link.calls
+    b = join(world, link, "b")
+    b.take()
+    world.hub.remote_broadcast("room1", json.dumps({"type": "GAME", "src": "z"}).encode())
+    assert b.types() == ["GAME"]
+
+
+def test_without_a_cluster_the_hub_asks_nothing() -> None:
+    world = World()
+    transport = world.connect("a")
+    assert transport.types() == ["OPEN"] and world.hub.cluster is None
+    assert JoinRequest  # the same join path as every other test of the core
