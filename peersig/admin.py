@@ -160,6 +160,7 @@ class AdminRoot(Resource):
         reason = self._reason(request) if method == b"DELETE" else ""
 
         def answer(members: dict[str, str]) -> Any:
+            room = hub.rooms.get(key)  # as it is now, after the wait
             if not members and room is None:
                 raise AdminError(404, "No such room")
             if method == b"DELETE":

@@ -38,6 +38,7 @@ from twisted.internet.ssl import optionsForClientTLS
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
+from .messages import QUEUED
 from .rooms import _remember
 from .session import OPEN
 
@@ -165,7 +166,7 @@ end
 if not ok then return 0 end
 local t = redis.call('TIME')
 redis.call('ZADD', 'ps:nodes', t[1] * 1000 + math.floor(t[2] / 1000), ARGV[1])
-if redis.call('DEL', 'ps:reaped:' .. ARGV[1]) == 1 then return 2 end
+if redis.call('EXISTS', 'ps:reaped:' .. ARGV[1]) == 1 then return 2 end
 return 1
 """
 
@@ -298,6 +299,9 @@ class Link(Service):
         # Set when the node drains: its rows stay until the reaper removes them after the
         # lease, so that its peers can take their ids back on another node, unseen.
         self.handing_over = False
+        # While true, departures here send no peer_left webhook: another node's reaper
+        # sends it (a drain's peers, or this node's when it was reaped).
+        self.quiet = False
         self.subscriptions = 0
         # Probes of holders on other nodes awaiting their answer (``probe``), by reference.
         self.probes: dict[str, Deferred[bool]] = {}
@@ -357,6 +361,8 @@ class Link(Service):
         return d.addTimeout(DEADLINE, self.clock)
 
     def publish(self, channel: str, message: list[Any]) -> Deferred[Any]:
+        if self.outbox:  # relays this turn go first: a LEAVE must not overtake them
+            self._flush()
         return self._call("PUBLISH", channel, _encode(message))
 
     # -- liveness -------------------------------------------------------------------------
@@ -397,6 +403,12 @@ class Link(Service):
         self.leasing = False
 
     def _leased(self, result: int) -> None:
+        try:
+            self._on_lease(result)
+        except Exception:
+            log.failure("cluster: handling the lease's answer failed")
+
+    def _on_lease(self, result: int) -> None:
         if not result:  # SET XX found no lease: it lapsed (Redis was away, or restarted empty)
             log.warn("cluster: this node's lease lapsed; taking it again")
             self.leased = False
@@ -406,15 +418,16 @@ class Link(Service):
             log.info("cluster: node {node} leased", node=self.node)
             self.leased = True
             self.steady_since = self.clock.seconds()
-            if result == 2 and self.rows:
+            if result == 2:
                 # Other nodes reaped this one while it could not reach Redis (a partition
                 # of this node alone): its peers' room-mates were told LEAVE. They come
-                # back as newcomers, whom their room-mates hear of.
+                # back as newcomers, whom their room-mates hear of. The marker goes only
+                # once they are closed (until then, every lease says so again).
                 log.warn("cluster: this node was reaped while away: closing its peers")
-                self.fence()
-                self.leased = True
-                self.steady_since = self.clock.seconds()
-            elif self.rows:
+                self.fence(quiet=True)
+                self._call("DEL", "ps:reaped:" + self.node).addErrback(lambda _: None)
+                return
+            if self.rows:
                 self._reassert()
         elif self.steady_since is not None and \
                 self.clock.seconds() - self.steady_since >= 2 * LEASE:
@@ -453,10 +466,16 @@ class Link(Service):
         d.addCallbacks(reaped, lambda f: log.warn("cluster: reap failed: {e}",
                                                   e=f.getErrorMessage()))
 
-    def fence(self) -> None:
+    def fence(self, quiet: bool = False) -> None:
+        """Close every peer with 1012 (service restart): they reconnect and claim afresh.
+        ``quiet``: the reaper already told of their departure (no peer_left again)."""
         self.leased = False
         self.steady_since = None
-        self.hub.close_all(1012, "Service restart")
+        self.quiet = quiet
+        try:
+            self.hub.close_all(1012, "Service restart")
+        finally:
+            self.quiet = False
 
     # -- what the Hub asks ------------------------------------------------------------------
 
@@ -557,6 +576,7 @@ class Link(Service):
         reconnects on another node takes its id back unseen (the row's node is dead);
         room-mates of one that does not come back hear LEAVE from the reaper."""
         self.handing_over = True
+        self.quiet = True  # the reaper tells of those that do not come back
         if self.ticker.running:
             self.ticker.stop()
         self._call("DEL", self.lease_key).addErrback(lambda _: None)
@@ -594,6 +614,8 @@ class Link(Service):
 
     def _flush(self) -> None:
         batch, self.outbox = self.outbox, []
+        if not batch:
+            return
         args: list[Any] = [self.node]
         for sender, room, dst, _mtype, frame in batch:
             args += [_ids_key(room), dst,
@@ -605,8 +627,17 @@ class Link(Service):
 
     def _relayed(self, results: list[int], batch: list[Outgoing]) -> None:
         hub = self.hub
-        for (sender, _room, dst, mtype, frame), receivers in zip(batch, results, strict=True):
+        for (sender, room, dst, mtype, frame), receivers in zip(batch, results, strict=True):
             if sender.state != OPEN:
+                # Gone meanwhile: what no node holds is queued all the same, as when it
+                # was here; nobody is left to hear an EXPIRE.
+                here = hub.rooms.get(room)
+                if receivers < 0 and here is not None and mtype in QUEUED:
+                    target = here.peers.get(dst)
+                    if target is not None:
+                        target.transport.send_frame(frame)
+                    else:
+                        hub._enqueue(here, dst, sender.id, frame, None)
                 continue
             if receivers > 0:
                 hub.stats.relayed[mtype] += 1

@@ -365,6 +365,10 @@ class Hub:
         def answered(claim: Claim) -> None:
             self.claiming.discard(key)
             won = claim.outcome in ("ok", "takeover")
+            if won and claim.first and self.events is not None:
+                # Said even if the place is given back at once: the release that empties
+                # the room again says room_finished.
+                self.events.event("room_started", self._public(name))
             if won and claim.old is not None:
                 link.displace(name, req.id, claim.old)  # the row is no longer its own
             here = transport in self.waiting and self.waiting[transport] is None
@@ -437,6 +441,9 @@ class Hub:
         within the window; dead if it does not, or is not here (a row left behind)."""
         room = self.rooms.get(room_name)
         cluster = self.cluster
+        if (room_name, peer_id) in self.claiming:
+            answer(True)  # a newcomer here is claiming it again: not a row left behind
+            return
         if room is None or cluster is None:
             answer(False)
             return
@@ -457,7 +464,16 @@ class Hub:
         holder.transport.send_ping()
 
         def verdict() -> None:
-            answer(holder.state == OPEN and holder.last_seen >= now)
+            # Whoever holds the id now: a reconnect here (or the holder going away)
+            # keeps the row, and its epoch, for a live connection.
+            room = self.rooms.get(room_name)
+            current = (room.peers.get(peer_id) or room.away.get(peer_id)) if room else None
+            if current is None or cluster.epoch_of(current) != epoch:
+                answer(False)
+            elif current is not holder or current.state != OPEN:
+                answer(True)
+            else:
+                answer(holder.last_seen >= now)
 
         self.clock.callLater(window, verdict)
 
@@ -467,9 +483,7 @@ class Hub:
         now = self.clock.seconds()
         room = self.rooms.get(name)
         if room is None:
-            room = self._open_room(name, now, size, None, announce=claim.first)
-        elif claim.first and self.events is not None:
-            self.events.event("room_started", self.public_name(room))
+            room = self._open_room(name, now, size, None, announce=False)
         session = Session(self, transport, room, req.id, req.token, req.address, now)
         outcome = "opened" if claim.old is None else "takeover"
         if claim.old is not None:
@@ -1192,7 +1206,7 @@ class Hub:
             for other in room.peers.values():
                 other.transport.send_frame(frame)
         events = self.events
-        if events is not None:
+        if events is not None and (self.cluster is None or not self.cluster.quiet):
             events.event("peer_left", self.public_name(room), session.id, reason)
         if not room.peers and not room.away:
             # Nobody left to deliver to or to tell: forget the room and its queues.

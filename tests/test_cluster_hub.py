@@ -23,6 +23,7 @@ class StubLink:
 
     def __init__(self) -> None:
         self.ok = True
+        self.quiet = False
         self.rows: dict[Session, str] = {}
         self.releases: dict[tuple[str, str], str] = {}
         self.calls: list[tuple[Any, ...]] = []
@@ -253,3 +254,30 @@ def test_without_a_cluster_the_hub_asks_nothing() -> None:
     transport = world.connect("a")
     assert transport.types() == ["OPEN"] and world.hub.cluster is None
     assert JoinRequest  # the same join path as every other test of the core
+
+
+def test_a_probe_of_a_holder_that_reconnected_here_meanwhile_finds_it_alive() -> None:
+    world, link = clustered(takeover_probe=1.0, room_by="key")
+    old = join(world, link, "a", token="t1")
+    old.responsive = False
+    answers: list[bool] = []
+    world.clock.advance(2)
+    world.hub.remote_probe("peerjs", "a", "a", answers.append)
+    # Within the window, its client comes back here with its token: a local takeover,
+    # the same row (and epoch) for the new connection.
+    again = world.connect("a", "t1")
+    assert again.types() == ["OPEN"]
+    world.clock.advance(1.0)
+    assert answers == [True]
+
+
+def test_a_drained_node_leaves_peer_left_to_the_reaper() -> None:
+    from .test_departures import Events
+
+    world, link = clustered()
+    events = Events()
+    world.hub.events = events
+    join(world, link, "a")
+    link.quiet = True  # as Link.hand_over sets it
+    world.hub.close_all()
+    assert "peer_left" not in [e[0] for e in events.seen]
