@@ -87,7 +87,8 @@ def loads_json(text: str, **hooks: Any) -> Any:
     limit = sys.getrecursionlimit()
     sys.setrecursionlimit(max(limit, 20000))
     try:
-        return json.loads(text, parse_constant=_no_constant, parse_int=_parse_int, **hooks)
+        return json.loads(text, **{"parse_constant": _no_constant, "parse_int": _parse_int,
+                                   **hooks})
     finally:
         sys.setrecursionlimit(limit)
 
@@ -168,15 +169,30 @@ def classify(data: bytes) -> Expect:
         duplicates.append(len(out) != len(items))
         return out
 
+    odd: list[str] = []  # numbers a parser may refuse, even where a later duplicate hides them
+
+    def parse_int(text: str) -> Any:
+        value = _parse_int(text)
+        if type(value) is BigInt:
+            odd.append(text)
+        return value
+
+    def parse_float(text: str) -> float:
+        value = float(text)
+        if math.isinf(value):
+            odd.append(text)
+        return value
+
     try:
-        obj = loads_json(data.decode("utf-8"), object_pairs_hook=pairs)
+        obj = loads_json(data.decode("utf-8"), object_pairs_hook=pairs, parse_int=parse_int,
+                         parse_float=parse_float)
     except RecursionError:
         return Expect("bad_json", anything=True)
     except ValueError:  # UnicodeDecodeError and JSONDecodeError included
         return Expect("bad_json")
     duplicate = type(obj) is dict and duplicates[-1]  # the top level is built last
     found = shape(obj)
-    lenient = found.odd_number or found.depth > DEEP or duplicate
+    lenient = bool(odd) or found.odd_number or found.depth > DEEP or duplicate
     expect = Expect(None, obj if type(obj) is dict else None, True, lenient, duplicate)
     if type(obj) is not dict:
         expect.reason = "not_object"
@@ -421,6 +437,10 @@ def test_parse_peerjs_shaped_objects(data: bytes, src: str, dst: str) -> None:
 
 
 @given(data=peerjs_texts(), src=ids, dst=ids)
+# A number beyond int() hidden by a later duplicate key (found on Python 3.13): the decoded
+# object no longer holds it, the text does.
+@example(data=b'{"type":"HEARTBEAT","payload":{"type":' + b"9" * 4400 + b',"type":"\\ud800"}}',
+         src="a", dst="b")
 def test_parse_peerjs_shaped_json_text(data: bytes, src: str, dst: str) -> None:
     check_parse(data, src, dst)
 
