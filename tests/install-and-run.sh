@@ -94,7 +94,7 @@ for version in $pythons; do
                 || { summary+=("ruff/mypy: FAILED"); failed=1; }
         fi
         versions=$("$venv_python" -m pip list --disable-pip-version-check 2>/dev/null \
-            | grep -iE '^(twisted|autobahn|prometheus.client|msgspec|pyjwt) ' \
+            | grep -iE '^(twisted|autobahn|prometheus.client|msgspec|pyjwt|txredisapi|hiredis) ' \
             | awk '{printf "%s %s, ", $1, $2}')
         echo "== python $version, $set: ${versions%, }"
         scope=(tests)
