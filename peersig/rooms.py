@@ -314,11 +314,7 @@ class Hub:
                 self._reject(transport, req, "address_full", E_ADDRESS_FULL)
                 return None
             return self._take_over(holder, transport, req, now, cause)
-        if len(self.sessions) + len(self.away) >= cfg.max_peers:
-            self._reject(transport, req, "server_full", E_SERVER_FULL)
-            return None
-        if self._address_full(req.address):
-            self._reject(transport, req, "address_full", E_ADDRESS_FULL)
+        if self._over_limits(req, transport):
             return None
         if room is not None and room.full():
             silent = [s for s in room.peers.values() if now - s.last_seen > HEARTBEAT_INTERVAL]
@@ -493,8 +489,9 @@ class Hub:
         transport.attach(session)
 
     def _over_limits(self, req: JoinRequest, transport: PeerTransport | None = None) -> bool:
-        """Whether --max-peers or --max-peers-per-ip is reached now (joins that waited on
-        Redis were let through before the count moved); with ``transport``, refuse it."""
+        """Whether --max-peers or --max-peers-per-ip is reached now (asked at a join, and
+        again when a cluster claim comes back: the count may have moved while Redis
+        answered); with ``transport``, refuse it."""
         if len(self.sessions) + len(self.away) >= self.config.max_peers:
             if transport is not None:
                 self._reject(transport, req, "server_full", E_SERVER_FULL)
