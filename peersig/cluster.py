@@ -16,6 +16,10 @@ Keys (``ps:`` prefix; ``R`` is a room name as ``Hub.rooms`` keys it, ``""`` in n
 - ``ps:ids:{R}``: HASH id -> ``N|E|T``: the holder's node, its connection epoch (random
   per claim) and a digest of its token.
 - ``ps:reap:N``: NX PX 10 s, the node reaping N (one reaper).
+- ``ps:seq``: a counter that every claim and every release of a row takes a number from.
+  A ``joined`` or ``left`` message carries its number, and each local member remembers the
+  number of the roster its PEERS gave (``Link.seen``): it is told of a change only if the
+  change is newer than that roster, whichever socket brought the two first.
 
 Channels: ``ps:in:N`` (to node N: relay, expire, takeover, probe) and ``ps:ev`` (to every
 node: joined, left). Two subscriptions per node, whatever the number of peers.
@@ -87,26 +91,35 @@ else
 end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
 redis.call('SADD', KEYS[2], ARGV[7])
-if ARGV[8] == '1' then table.insert(result, redis.call('HKEYS', KEYS[1])) end
+result[5] = redis.call('INCR', 'ps:seq')
+if ARGV[8] == '1' then result[6] = redis.call('HKEYS', KEYS[1]) end
 return result
 """
 
+# ARGV[4], unless empty: the ``left`` message without its last item, the release's number
+# (published here, so that no claim of the id elsewhere can come between).
 RELEASE = b"""
 if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then
   redis.call('HDEL', KEYS[1], ARGV[1])
   redis.call('SREM', KEYS[2], ARGV[3])
+  local seq = redis.call('INCR', 'ps:seq')
+  if ARGV[4] ~= '' then redis.call('PUBLISH', 'ps:ev', ARGV[4] .. cmsgpack.pack(seq)) end
   if redis.call('EXISTS', KEYS[1]) == 0 then return 2 end
   return 1
 end
 return 0
 """
 
-# A row still ours, or free, or held by a dead node: ours again (after an outage).
+# A row still ours, or free, or held by a dead node: ours again (after an outage). The
+# counter goes no lower than the member's roster (ARGV[5]), should Redis have lost it.
 REASSERT = b"""
 local old = redis.call('HGET', KEYS[1], ARGV[1])
 if old and old ~= ARGV[3] then
   local node = string.match(old, '^([^|]*)')
   if node ~= ARGV[2] and redis.call('EXISTS', 'ps:node:' .. node) == 1 then return 0 end
+end
+if tonumber(redis.call('GET', 'ps:seq') or 0) < tonumber(ARGV[5]) then
+  redis.call('SET', 'ps:seq', ARGV[5])
 end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
 redis.call('SADD', KEYS[2], ARGV[4])
@@ -184,6 +197,10 @@ for _, node in ipairs(late) do
       local row = redis.call('HGET', key, id)
       if row and string.match(row, '^([^|]*)') == node then
         redis.call('HDEL', key, id)
+        -- left: room, id, no node (the reaper speaks), LEAVE and PART, no contacts
+        redis.call('PUBLISH', 'ps:ev', '\\152' .. cmsgpack.pack('left') .. cmsgpack.pack(room)
+          .. cmsgpack.pack(id) .. cmsgpack.pack('') .. '\\195\\195\\192'
+          .. cmsgpack.pack(redis.call('INCR', 'ps:seq')))
         table.insert(gone, member)
         table.insert(gone, redis.call('EXISTS', key))
       end
@@ -195,6 +212,23 @@ for _, node in ipairs(late) do
 end
 return gone
 """
+
+
+# A room's ids and the number of the latest claim or release (``Link.roster``).
+ROSTER = b"""
+return {redis.call('HKEYS', KEYS[1]), redis.call('GET', 'ps:seq')}
+"""
+
+# ``Link.seen`` of a member whose roster is being read: no change is news to it until then
+# (the roster will say).
+NOT_LISTED = 1 << 62
+
+
+def _numbered(message: list[Any]) -> bytes:
+    """``message`` encoded as the head of a msgpack array one item longer: the script
+    that publishes it appends the number it took from ``ps:seq``."""
+    assert len(message) < 15
+    return bytes((0x90 | (len(message) + 1),)) + _encode(message)[1:]
 
 
 # A cross-node relay waiting for the end of the reactor turn: sender, room, destination,
@@ -213,6 +247,8 @@ class Claim(NamedTuple):
     old: tuple[str, str] | None
     # The room had no member on any node: this join starts it (webhook room_started).
     first: bool
+    # The claim's number from ``ps:seq`` (0 unless ok or takeover).
+    seq: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -286,16 +322,20 @@ class Link(Service):
         self.probe_seen = -1e9
         # Each local member's row in ps:ids:{R}, as a claim wrote it.
         self.rows: dict[Session, str] = {}
+        # Each local member's roster number (``ps:seq``): its PEERS listed the room as it
+        # was then, so it hears only of joins and departures numbered after it. NOT_LISTED
+        # while its roster is being read.
+        self.seen: dict[Session, int] = {}
         # Reaping waits until this node's own lease has held for two leases (after a start
         # or an outage every lease may have lapsed: nobody is reaped for that).
         self.steady_since: float | None = None
         self.last_tick = time.monotonic()
         self.leased = False
         self.leasing = False
-        # Rows to give back whose RELEASE has not been answered yet: (room, id) -> row.
-        # Retried every tick: a row left behind would hold its id for as long as this node
-        # lives.
-        self.releases: dict[tuple[str, str], str] = {}
+        # Rows to give back whose RELEASE has not been answered yet: (room, id) -> row and
+        # the ``left`` message to publish with it (b"" for none). Retried every tick: a row
+        # left behind would hold its id for as long as this node lives.
+        self.releases: dict[tuple[str, str], tuple[str, bytes]] = {}
         # Set when the node drains: its rows stay until the reaper removes them after the
         # lease, so that its peers can take their ids back on another node, unseen.
         self.handing_over = False
@@ -386,8 +426,8 @@ class Link(Service):
             log.warn("cluster: this node stalled {s:.1f} s, past its lease: closing its peers",
                      s=gap)
             self.fence()
-        for (room, peer_id), row in list(self.releases.items()):
-            self._release(room, peer_id, row)
+        for (room, peer_id), (row, message) in list(self.releases.items()):
+            self._release(room, peer_id, row, message)
         if not self.leasing:
             # XX while it holds: a lapsed lease shows as 0. Once lost, a plain SET (node ids
             # are unique) takes it back, whatever happened meanwhile.
@@ -444,8 +484,10 @@ class Link(Service):
         its id meanwhile (then this node's socket gives way, close 1000)."""
         for session, row in list(self.rows.items()):
             room = session.room.name
+            seen = self.seen.get(session, 0)
             d = self._eval(REASSERT, [_ids_key(room), self.peers_key],
-                           [session.id, self.node, row, _member(room, session.id)])
+                           [session.id, self.node, row, _member(room, session.id),
+                            seen if seen != NOT_LISTED else 0])
 
             def done(result: int, session: Session = session) -> None:
                 if not result and session in self.rows:
@@ -460,7 +502,7 @@ class Link(Service):
             for i in range(0, len(flat), 2):
                 room, _, peer_id = flat[i].decode().rpartition("\0")
                 log.info("cluster: reaped a peer of a dead node", room=room)
-                self.publish("ps:ev", ["left", room, peer_id, "", True, True, None])
+                # REAP published its ``left``.
                 self.hub.node_lost(room, peer_id, emptied=not int(flat[i + 1]))
 
         d.addCallbacks(reaped, lambda f: log.warn("cluster: reap failed: {e}",
@@ -502,8 +544,8 @@ class Link(Service):
             if outcome not in ("ok", "takeover"):
                 return Claim(outcome, row, [], None, False)
             old = (result[1].decode(), result[2].decode()) if outcome == "takeover" else None
-            ids = [i.decode() for i in result[4]] if members else []
-            return Claim(outcome, row, ids, old, bool(result[3]))
+            ids = [i.decode() for i in result[5]] if members else []
+            return Claim(outcome, row, ids, old, bool(result[3]), int(result[4]))
 
         def lost(failure: Any) -> Any:
             self.unclaim(room, peer_id, row)
@@ -511,33 +553,60 @@ class Link(Service):
 
         return d.addCallbacks(answered, lost)
 
-    def joined(self, session: Session, row: str, old: tuple[str, str] | None) -> None:
-        """``session`` holds ``row`` (the claim's); its room-mates on other nodes hear of it
+    def joined(self, session: Session, claim: Claim) -> None:
+        """``session`` holds ``claim.row``; its room-mates on other nodes hear of it
         (JOIN with --room-events, and the queues they hold for it), and a former holder
-        elsewhere (``old``: its node and epoch) gives way."""
+        elsewhere (``claim.old``: its node and epoch) gives way."""
         room = session.room.name
-        self.rows[session] = row
+        self.rows[session] = claim.row
+        self.seen[session] = claim.seq
         # First joined (the former holder's node forwards what it queued for the id), then
         # the takeover (which may close that node's last member of the room).
-        self.publish("ps:ev", ["joined", room, session.id, self.node, old is None])
-        if old is not None:
-            self.displace(room, session.id, old)
+        self.publish("ps:ev", ["joined", room, session.id, self.node, claim.old is None,
+                               claim.seq])
+        if claim.old is not None:
+            self.displace(room, session.id, claim.old)
 
-    def unclaim(self, room: str, peer_id: str, row: str) -> None:
+    def roster(self, session: Session) -> Deferred[list[str]]:
+        """The ids of ``session``'s room on every node, for its PEERS after a takeover or
+        resume here; from then on it hears only of changes numbered after this roster."""
+        self.seen[session] = NOT_LISTED
+
+        def listed(result: list[Any]) -> list[str]:
+            if session in self.seen:
+                self.seen[session] = int(result[1] or 0)
+            return [i.decode() for i in result[0]]
+
+        def lost(failure: Any) -> Any:
+            if session in self.seen:
+                self.seen[session] = 0  # PEERS lists this node's: it hears of every change
+            return failure
+
+        return self._eval(ROSTER, [_ids_key(session.room.name)], []).addCallbacks(listed, lost)
+
+    def told(self, session: Session, seq: int) -> bool:
+        """Whether a join or departure numbered ``seq`` is news to ``session``."""
+        return self.seen.get(session, 0) < seq
+
+    def unclaim(self, room: str, peer_id: str, row: str, message: bytes = b"") -> None:
         """Give back ``row`` (a departure, a newcomer that left, or a claim whose answer
-        was lost: it may have been written all the same), until Redis has answered."""
-        self.releases[(room, peer_id)] = row
-        self._release(room, peer_id, row)
+        was lost: it may have been written all the same), until Redis has answered. With
+        ``message`` (``left`` without its number), the release publishes it."""
+        self.releases[(room, peer_id)] = (row, message)
+        self._release(room, peer_id, row, message)
 
-    def _release(self, room: str, peer_id: str, row: str) -> None:
+    def _release(self, room: str, peer_id: str, row: str, message: bytes) -> None:
         def done(result: int) -> None:
-            if self.releases.get((room, peer_id)) == row:
+            if self.releases.get((room, peer_id), ("",))[0] == row:
                 del self.releases[(room, peer_id)]
             if result == 2:  # the room's last member on any node
                 self.hub.room_finished(room)
 
+        if message and self.outbox:  # relays this turn go first: LEAVE must not overtake
+            self._flush()
         self._eval(RELEASE, [_ids_key(room), self.peers_key],
-                   [peer_id, row, _member(room, peer_id)]).addCallbacks(done, lambda _: None)
+                   [peer_id, row, _member(room, peer_id), message]
+                   ).addCallbacks(done, lambda _: None)
 
     def displace(self, room: str, peer_id: str, old: tuple[str, str]) -> None:
         """The former holder of ``peer_id`` (its node and epoch) gives way: its row is no
@@ -586,16 +655,25 @@ class Link(Service):
         row = self.rows.pop(old, None)
         if row is not None:
             self.rows[new] = row
+        seen = self.seen.pop(old, None)
+        if seen is not None:
+            self.seen[new] = seen
+
+    def forget(self, session: Session) -> str | None:
+        """``session`` holds no row any more: its row, if it had one."""
+        self.seen.pop(session, None)
+        return self.rows.pop(session, None)
 
     def left(self, session: Session, leave: bool, part: bool) -> None:
-        row = self.rows.pop(session, None)
+        row = self.forget(session)
         if row is None or self.handing_over:
             return
         room = session.room.name
-        self.unclaim(room, session.id, row)
+        message = b""
         if leave or part:
             contacts = sorted(session.contacts) if session.contacts else None
-            self.publish("ps:ev", ["left", room, session.id, self.node, leave, part, contacts])
+            message = _numbered(["left", room, session.id, self.node, leave, part, contacts])
+        self.unclaim(room, session.id, row, message)
 
     def relay(self, sender: Session, room: Room, dst: str, mtype: str, frame: bytes) -> None:
         """Send ``frame`` to ``dst`` on whichever node holds it. No holder anywhere, or this
@@ -754,13 +832,13 @@ class Link(Service):
             _, room, peer_id, reason = message
             hub.remote_remove(room, peer_id, reason)
         elif kind == "joined":
-            _, room, peer_id, node, fresh = message
+            _, room, peer_id, node, fresh, seq = message
             if node != self.node:
-                hub.remote_joined(room, peer_id, node, fresh)
+                hub.remote_joined(room, peer_id, node, fresh, seq)
         elif kind == "left":
-            _, room, peer_id, node, leave, part, contacts = message
+            _, room, peer_id, node, leave, part, contacts, seq = message
             if node != self.node:
-                hub.remote_left(room, peer_id, leave, part, contacts)
+                hub.remote_left(room, peer_id, leave, part, contacts, seq)
 
     def epoch_of(self, session: Session) -> str:
         row = self.rows.get(session, "")

@@ -485,7 +485,7 @@ class Hub:
         if claim.old is not None:
             self.stats.takeovers["cluster"] += 1
         self._register(session, outcome, claim.members if claim.members else None)
-        self.cluster.joined(session, claim.row, claim.old)
+        self.cluster.joined(session, claim)
         transport.attach(session)
 
     def _over_limits(self, req: JoinRequest, transport: PeerTransport | None = None) -> bool:
@@ -789,13 +789,13 @@ class Hub:
         follows when Redis has listed them (this node's, if it cannot)."""
         peers = session.room.peers
         if members is None and self.cluster is not None:
-            def listed(ids: dict[str, str] | Failure) -> None:
+            def listed(ids: list[str] | Failure) -> None:
                 if session.state == OPEN:
-                    found = list(ids) if isinstance(ids, dict) else session.room.members()
+                    found = ids if isinstance(ids, list) else session.room.members()
                     session.transport.send_frame(
                         peers_frame([i for i in found if i != session.id]))
 
-            self.cluster.members(session.room.name).addBoth(listed)
+            self.cluster.roster(session).addBoth(listed)
         else:
             others = [i for i in members or session.room.members() if i != session.id]
             session.transport.send_frame(peers_frame(others))
@@ -1018,22 +1018,26 @@ class Hub:
         """``session``'s row belongs to another node's peer now: it leaves without a word
         to its room (that peer is its reconnect) and closes 1000."""
         if self.cluster is not None:
-            self.cluster.rows.pop(session, None)
+            self.cluster.forget(session)
         self.depart(session, "replaced", notify=False)
         session.transport.close_with(CLOSE_NORMAL, "Replaced by a new connection")
 
-    def remote_joined(self, room_name: str, peer_id: str, node: str, fresh: bool) -> None:
-        """``peer_id`` joined ``room_name`` on ``node``: JOIN to the members here (with
-        --room-events, for a fresh join), and what was queued here for it goes there."""
+    def remote_joined(self, room_name: str, peer_id: str, node: str, fresh: bool,
+                      seq: int) -> None:
+        """``peer_id`` joined ``room_name`` on ``node`` (claim number ``seq``): JOIN to the
+        members here whose PEERS did not list it (with --room-events, for a fresh join),
+        and what was queued here for it goes there."""
         room = self.rooms.get(room_name)
-        if room is None:
+        if room is None or self.cluster is None:
             return
         if fresh and self.config.room_events and self.config.room_by != "none":
             frame = join_frame(peer_id)
+            news = self.cluster.told
             for other in room.peers.values():
-                other.transport.send_frame(frame)
+                if news(other, seq):
+                    other.transport.send_frame(frame)
         queue = room.queues.pop(peer_id, None)
-        if queue is not None and self.cluster is not None:
+        if queue is not None:
             self._drop_queue(room, queue)
             origins = queue.origins or {}
             for sender_id, frame in queue.frames:
@@ -1041,14 +1045,16 @@ class Hub:
                                      origins.get(sender_id, self.cluster.node), frame)
 
     def remote_left(self, room_name: str, peer_id: str, leave: bool, part: bool,
-                    contacts: list[str] | None) -> None:
-        """``peer_id`` of another node left ``room_name``: LEAVE to the members here it
-        would have told (in none mode, its ``contacts``; None when its node died and the
-        reaper speaks: then whoever here talked to it), PART with --room-events."""
+                    contacts: list[str] | None, seq: int) -> None:
+        """``peer_id`` of another node left ``room_name`` (release number ``seq``): LEAVE
+        to the members here it would have told (in none mode, its ``contacts``; None when
+        its node died and the reaper speaks: then whoever here talked to it), PART with
+        --room-events; neither to a member whose PEERS came after it left."""
         room = self.rooms.get(room_name)
-        if room is None:
+        if room is None or self.cluster is None:
             return
-        peers = room.peers
+        news = self.cluster.told
+        peers = {i: s for i, s in room.peers.items() if news(s, seq)}
         if leave:
             if not self._track_contacts:
                 told = list(peers.values())

@@ -81,6 +81,12 @@ class Redis:
                              capture_output=True, text=True, timeout=5)
         return out.stdout.strip()
 
+    def publish(self, channel: str, message: bytes) -> int:
+        """PUBLISH a binary ``message`` (redis-cli -x reads it from stdin): receivers."""
+        out = subprocess.run(["redis-cli", "-s", str(self.socket), "-x", "PUBLISH", channel],
+                             input=message, capture_output=True, timeout=5)
+        return int(out.stdout)
+
     def signal(self, signum: int) -> None:
         assert self.proc is not None
         self.proc.send_signal(signum)

@@ -22,6 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection, connect
@@ -576,6 +577,32 @@ def test_room_events_reach_every_node(tmp_path: Path, redis: Redis) -> None:
         for ws in (a, c):
             assert frames_until(ws, "LEAVE")["src"] == "b"
             assert frames_until(ws, "PART")["src"] == "b"
+
+
+def test_news_older_than_a_members_peers_is_not_told_again(tmp_path: Path,
+                                                           redis: Redis) -> None:
+    """A joined or left message may reach a node after a newcomer's PEERS that already
+    reflects it (a claim's answer and the bus are two sockets): each carries its number
+    from ps:seq, and a member hears only news numbered after its own roster."""
+    with cluster(tmp_path, redis, 2, ["--room-events"]) as nodes:
+        a, _ = nodes.dial(0, "a")
+        assert frames_until(a, "PEERS")["payload"] == {"peers": []}
+        before_b = int(redis.cli("GET", "ps:seq"))  # a's claim, and a's row
+        b, _ = nodes.dial(1, "b")
+        assert json.loads(b.recv(timeout=5)) == {"type": "PEERS", "payload": {"peers": ["a"]}}
+        assert frames_until(a, "JOIN")["src"] == "b"
+        room = redis.cli("KEYS", "ps:ids:*")[len("ps:ids:{"):-1]
+        # Late news of a's join, and of a departure before b's claim: old news to b.
+        stale = [["joined", room, "a", "elsewhere", True, before_b],
+                 ["left", room, "gone", "elsewhere", True, True, None, before_b]]
+        for message in stale:
+            assert redis.publish("ps:ev", msgspec.msgpack.encode(message)) == 2
+        # News after b's claim is told, and it is the next thing b hears.
+        assert redis.publish("ps:ev", msgspec.msgpack.encode(
+            ["left", room, "later", "elsewhere", True, True, None, before_b + 2])) == 2
+        assert [json.loads(b.recv(timeout=5))["type"] for _ in range(2)] == ["LEAVE", "PART"]
+        nodes.dial(0, "c")
+        assert json.loads(b.recv(timeout=5)) == {"type": "JOIN", "src": "c"}
 
 
 def test_a_reconnect_on_its_node_hears_of_every_nodes_members(tmp_path: Path,

@@ -25,11 +25,13 @@ class StubLink:
         self.ok = True
         self.quiet = False
         self.rows: dict[Session, str] = {}
+        self.seen: dict[Session, int] = {}
         self.releases: dict[tuple[str, str], str] = {}
         self.calls: list[tuple[Any, ...]] = []
         self.claims: list[tuple[str, str, str, Deferred[Claim]]] = []
         self.probes: list[tuple[tuple[str, str], Deferred[bool]]] = []
         self.room_members: dict[str, str] = {}
+        self.roster_seq = 0
 
     def claim(self, room: str, peer_id: str, token: str, cap: int, takeover: str,
               members: bool, dead_epoch: str = "") -> Deferred[Claim]:
@@ -37,9 +39,17 @@ class StubLink:
         self.claims.append((peer_id, takeover, dead_epoch, answer))
         return answer
 
-    def joined(self, session: Session, row: str, old: tuple[str, str] | None) -> None:
-        self.rows[session] = row
-        self.calls.append(("joined", session.id, old))
+    def joined(self, session: Session, claim: Claim) -> None:
+        self.rows[session] = claim.row
+        self.seen[session] = claim.seq
+        self.calls.append(("joined", session.id, claim.old))
+
+    def told(self, session: Session, seq: int) -> bool:
+        return self.seen.get(session, 0) < seq
+
+    def forget(self, session: Session) -> str | None:
+        self.seen.pop(session, None)
+        return self.rows.pop(session, None)
 
     def unclaim(self, room: str, peer_id: str, row: str) -> None:
         self.calls.append(("unclaim", peer_id, row))
@@ -48,7 +58,7 @@ class StubLink:
         self.calls.append(("displace", peer_id, old))
 
     def left(self, session: Session, leave: bool, part: bool) -> None:
-        self.rows.pop(session, None)
+        self.forget(session)
         self.calls.append(("left", session.id, leave, part))
 
     def relay(self, sender: Session, room: Any, dst: str, mtype: str, frame: bytes) -> None:
@@ -70,8 +80,9 @@ class StubLink:
         if row is not None:
             self.rows[new] = row
 
-    def members(self, room: str) -> Deferred[dict[str, str]]:
-        return succeed(dict(self.room_members))
+    def roster(self, session: Session) -> Deferred[list[str]]:
+        self.seen[session] = self.roster_seq
+        return succeed(list(self.room_members))
 
     def broadcast(self, room: str, frame: bytes) -> None:
         self.calls.append(("broadcast", room))
@@ -90,8 +101,9 @@ def clustered(**config: Any) -> tuple[World, StubLink]:
 
 
 def ok(row: str = "here|e1|t", old: tuple[str, str] | None = None,
-       members: list[str] | None = None) -> Claim:
-    return Claim("ok" if old is None else "takeover", row, members or [], old, old is None)
+       members: list[str] | None = None, seq: int = 0) -> Claim:
+    return Claim("ok" if old is None else "takeover", row, members or [], old, old is None,
+                 seq)
 
 
 def join(world: World, link: StubLink, peer_id: str, answer: Claim | None = None,
@@ -196,7 +208,7 @@ def test_a_queue_here_goes_to_its_destination_joining_elsewhere() -> None:
     assert a.session is not None
     # Redis knew no holder of x: the Hub's offline path queues it here.
     world.hub._offline(a.session, a.session.room, "x", "OFFER", b"frame")
-    world.hub.remote_joined("room1", "x", "there", True)
+    world.hub.remote_joined("room1", "x", "there", True, 9)
     assert link.calls[-1] == ("forward", "there", "x", "a", "here")
     assert world.hub.queued_bytes == 0
 
@@ -206,7 +218,7 @@ def test_a_departure_elsewhere_is_told_as_one_process_tells_it() -> None:
     a = join(world, link, "a", token="t1")
     c = join(world, link, "c", token="t2")
     a.take(), c.take()
-    world.hub.remote_left("", "b", True, False, ["a"])  # b talked to a only
+    world.hub.remote_left("", "b", True, False, ["a"], 9)  # b talked to a only
     assert [m["type"] for m in a.take()] == ["LEAVE"] and c.take() == []
 
 
@@ -281,3 +293,22 @@ def test_a_drained_node_leaves_peer_left_to_the_reaper() -> None:
     link.quiet = True  # as Link.hand_over sets it
     world.hub.close_all()
     assert "peer_left" not in [e[0] for e in events.seen]
+
+
+def test_news_is_told_only_to_members_whose_peers_came_before_it() -> None:
+    """A join or departure numbered before a member's claim (its PEERS listed the room
+    after it) is old news to that member, however late the bus brings it."""
+    world, link = clustered(room_events=True)
+    early = join(world, link, "early", ok("here|early|t", members=["early"], seq=2))
+    late = join(world, link, "late", ok("here|late|t", members=["early", "x", "late"], seq=5))
+    early.take(), late.take()
+    world.hub.remote_joined("room1", "x", "there", True, 4)
+    assert early.messages() == [{"type": "JOIN", "src": "x"}] and late.take() == []
+    early.take()
+    world.hub.remote_left("room1", "gone", True, True, None, 3)
+    assert early.types() == ["LEAVE", "PART"] and late.take() == []
+    early.take()
+    world.hub.remote_joined("room1", "y", "there", True, 6)
+    world.hub.remote_left("room1", "x", True, True, None, 7)
+    for member in (early, late):
+        assert member.types() == ["JOIN", "LEAVE", "PART"]
