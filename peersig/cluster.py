@@ -16,10 +16,12 @@ Keys (``ps:`` prefix; ``R`` is a room name as ``Hub.rooms`` keys it, ``""`` in n
 - ``ps:ids:{R}``: HASH id -> ``N|E|T``: the holder's node, its connection epoch (random
   per claim) and a digest of its token.
 - ``ps:reap:N``: NX PX 10 s, the node reaping N (one reaper).
-- ``ps:seq``: a counter that every claim and every release of a row takes a number from.
-  A ``joined`` or ``left`` message carries its number, and each local member remembers the
-  number of the roster its PEERS gave (``Link.seen``): it is told of a change only if the
-  change is newer than that roster, whichever socket brought the two first.
+- ``ps:seq``: a counter that every claim and every release of a row takes a number from
+  (``NUMBER``). A ``joined`` or ``left`` message carries its number, and each local member
+  remembers the number of the roster its PEERS gave (``Link.seen``): it is told of a change
+  only if the change is newer than that roster. News that arrives while a member's claim
+  or roster is still being answered is kept for it (``Link.catch_up``), so the order in
+  which the bus and the command connection bring the two does not matter.
 
 Channels: ``ps:in:N`` (to node N: relay, expire, takeover, probe) and ``ps:ev`` (to every
 node: joined, left). Two subscriptions per node, whatever the number of peers.
@@ -30,6 +32,7 @@ from __future__ import annotations
 import hashlib
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple
 from urllib.parse import unquote, urlsplit
@@ -67,7 +70,21 @@ PROBE_WINDOW = 4.0
 _encode = msgspec.msgpack.encode
 _decode = msgspec.msgpack.decode
 
-CLAIM = b"""
+# The next number of ps:seq. A counter lost with Redis's data starts again from Redis's
+# clock (microseconds), above every number taken before (fewer than one a microsecond).
+NUMBER = b"""
+local function number()
+  local seq = redis.call('INCR', 'ps:seq')
+  if seq == 1 then
+    local t = redis.call('TIME')
+    seq = t[1] * 1000000 + t[2]
+    redis.call('SET', 'ps:seq', string.format('%d', seq))
+  end
+  return seq
+end
+"""
+
+CLAIM = NUMBER + b"""
 if redis.call('EXISTS', KEYS[3]) == 0 then return {'fenced'} end
 local ban = redis.call('GET', KEYS[4])
 if ban then return {'banned', ban} end
@@ -91,18 +108,18 @@ else
 end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
 redis.call('SADD', KEYS[2], ARGV[7])
-result[5] = redis.call('INCR', 'ps:seq')
+result[5] = number()
 if ARGV[8] == '1' then result[6] = redis.call('HKEYS', KEYS[1]) end
 return result
 """
 
 # ARGV[4], unless empty: the ``left`` message without its last item, the release's number
 # (published here, so that no claim of the id elsewhere can come between).
-RELEASE = b"""
+RELEASE = NUMBER + b"""
 if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then
   redis.call('HDEL', KEYS[1], ARGV[1])
   redis.call('SREM', KEYS[2], ARGV[3])
-  local seq = redis.call('INCR', 'ps:seq')
+  local seq = number()
   if ARGV[4] ~= '' then redis.call('PUBLISH', 'ps:ev', ARGV[4] .. cmsgpack.pack(seq)) end
   if redis.call('EXISTS', KEYS[1]) == 0 then return 2 end
   return 1
@@ -110,16 +127,12 @@ end
 return 0
 """
 
-# A row still ours, or free, or held by a dead node: ours again (after an outage). The
-# counter goes no lower than the member's roster (ARGV[5]), should Redis have lost it.
+# A row still ours, or free, or held by a dead node: ours again (after an outage).
 REASSERT = b"""
 local old = redis.call('HGET', KEYS[1], ARGV[1])
 if old and old ~= ARGV[3] then
   local node = string.match(old, '^([^|]*)')
   if node ~= ARGV[2] and redis.call('EXISTS', 'ps:node:' .. node) == 1 then return 0 end
-end
-if tonumber(redis.call('GET', 'ps:seq') or 0) < tonumber(ARGV[5]) then
-  redis.call('SET', 'ps:seq', ARGV[5])
 end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
 redis.call('SADD', KEYS[2], ARGV[4])
@@ -183,7 +196,7 @@ if redis.call('EXISTS', 'ps:reaped:' .. ARGV[1]) == 1 then return 2 end
 return 1
 """
 
-REAP = b"""
+REAP = NUMBER + b"""
 local t = redis.call('TIME')
 local now = t[1] * 1000 + math.floor(t[2] / 1000)
 local gone = {}
@@ -200,7 +213,7 @@ for _, node in ipairs(late) do
         -- left: room, id, no node (the reaper speaks), LEAVE and PART, no contacts
         redis.call('PUBLISH', 'ps:ev', '\\152' .. cmsgpack.pack('left') .. cmsgpack.pack(room)
           .. cmsgpack.pack(id) .. cmsgpack.pack('') .. '\\195\\195\\192'
-          .. cmsgpack.pack(redis.call('INCR', 'ps:seq')))
+          .. cmsgpack.pack(number()))
         table.insert(gone, member)
         table.insert(gone, redis.call('EXISTS', key))
       end
@@ -219,9 +232,9 @@ ROSTER = b"""
 return {redis.call('HKEYS', KEYS[1]), redis.call('GET', 'ps:seq')}
 """
 
-# ``Link.seen`` of a member whose roster is being read: no change is news to it until then
-# (the roster will say).
-NOT_LISTED = 1 << 62
+# The number of this node's own departures in ``Link.catch_up``: news to every claim in
+# flight (each was answered before the release).
+LATEST = 1 << 62
 
 
 def _numbered(message: list[Any]) -> bytes:
@@ -249,6 +262,9 @@ class Claim(NamedTuple):
     first: bool
     # The claim's number from ``ps:seq`` (0 unless ok or takeover).
     seq: int = 0
+    # Joined and left news newer than the claim, heard before its answer (``Link.joined``
+    # tells the newcomer).
+    news: tuple[list[Any], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -323,9 +339,12 @@ class Link(Service):
         # Each local member's row in ps:ids:{R}, as a claim wrote it.
         self.rows: dict[Session, str] = {}
         # Each local member's roster number (``ps:seq``): its PEERS listed the room as it
-        # was then, so it hears only of joins and departures numbered after it. NOT_LISTED
-        # while its roster is being read.
+        # was then, so it hears only of joins and departures numbered after it.
         self.seen: dict[Session, int] = {}
+        # Rooms with claims or roster reads in flight here: how many, and the joined and
+        # left news heard meanwhile (with this node's own departures, numbered LATEST),
+        # which the newcomer catches up on once its number is known (``_caught_up``).
+        self.catch_up: dict[str, tuple[list[int], list[list[Any]]]] = {}
         # Reaping waits until this node's own lease has held for two leases (after a start
         # or an outage every lease may have lapsed: nobody is reaped for that).
         self.steady_since: float | None = None
@@ -484,10 +503,8 @@ class Link(Service):
         its id meanwhile (then this node's socket gives way, close 1000)."""
         for session, row in list(self.rows.items()):
             room = session.room.name
-            seen = self.seen.get(session, 0)
             d = self._eval(REASSERT, [_ids_key(room), self.peers_key],
-                           [session.id, self.node, row, _member(room, session.id),
-                            seen if seen != NOT_LISTED else 0])
+                           [session.id, self.node, row, _member(room, session.id)])
 
             def done(result: int, session: Session = session) -> None:
                 if not result and session in self.rows:
@@ -530,6 +547,7 @@ class Link(Service):
         is ``dead_epoch`` (a probe found it dead). For taken, ``old`` is the holder's
         (node, epoch). Fails when Redis does not answer."""
         row = f"{self.node}|{os.urandom(4).hex()}|{token_digest(token)}"
+        self._listen(room)
         d = self._eval(CLAIM, [_ids_key(room), self.peers_key, self.lease_key,
                                _ban_key(room, peer_id)],
                        [peer_id, self.node, row, token_digest(token), cap, takeover,
@@ -545,13 +563,14 @@ class Link(Service):
                 return Claim(outcome, row, [], None, False)
             old = (result[1].decode(), result[2].decode()) if outcome == "takeover" else None
             ids = [i.decode() for i in result[5]] if members else []
-            return Claim(outcome, row, ids, old, bool(result[3]), int(result[4]))
+            seq = int(result[4])
+            return Claim(outcome, row, ids, old, bool(result[3]), seq, self._heard(room))
 
         def lost(failure: Any) -> Any:
             self.unclaim(room, peer_id, row)
             return failure
 
-        return d.addCallbacks(answered, lost)
+        return d.addCallbacks(answered, lost).addBoth(self._unlisten, room)
 
     def joined(self, session: Session, claim: Claim) -> None:
         """``session`` holds ``claim.row``; its room-mates on other nodes hear of it
@@ -566,23 +585,62 @@ class Link(Service):
                                claim.seq])
         if claim.old is not None:
             self.displace(room, session.id, claim.old)
+        for news in claim.news:  # after its PEERS (Hub._register)
+            self._tell(news, session)
 
-    def roster(self, session: Session) -> Deferred[list[str]]:
-        """The ids of ``session``'s room on every node, for its PEERS after a takeover or
-        resume here; from then on it hears only of changes numbered after this roster."""
-        self.seen[session] = NOT_LISTED
+    def roster(self, session: Session, tell: Callable[[list[str]], None]) -> None:
+        """Call ``tell`` with the ids of ``session``'s room on every node (this node's, if
+        Redis does not answer), for its PEERS after a takeover or resume here. Until then
+        it hears news as its former connection would; from then on, only news numbered
+        after the roster, and a departure told before the roster came is told again."""
+        room = session.room.name
+        self._listen(room)
 
-        def listed(result: list[Any]) -> list[str]:
+        def listed(result: list[Any]) -> None:
+            seq = int(result[1] or 0)
+            caught = self._heard(room)
             if session in self.seen:
-                self.seen[session] = int(result[1] or 0)
-            return [i.decode() for i in result[0]]
+                self.seen[session] = seq
+            tell([i.decode() for i in result[0]])
+            for news in caught:
+                if news[0] == "left":
+                    self._tell(news, session)
 
-        def lost(failure: Any) -> Any:
-            if session in self.seen:
-                self.seen[session] = 0  # PEERS lists this node's: it hears of every change
-            return failure
+        def lost(_: Any) -> None:
+            tell(session.room.members())
 
-        return self._eval(ROSTER, [_ids_key(session.room.name)], []).addCallbacks(listed, lost)
+        d = self._eval(ROSTER, [_ids_key(room)], []).addCallbacks(listed, lost)
+        d.addBoth(self._unlisten, room).addErrback(
+            lambda f: log.failure("cluster: a roster failed", failure=f))
+
+    def _listen(self, room: str) -> None:
+        entry = self.catch_up.get(room)
+        if entry is None:
+            entry = self.catch_up[room] = ([0], [])
+        entry[0][0] += 1
+
+    def _heard(self, room: str) -> tuple[list[Any], ...]:
+        """The news of ``room`` heard since a claim or roster went out (``_tell`` tells
+        what is newer than the member's roster)."""
+        return tuple(self.catch_up[room][1])
+
+    def _unlisten(self, result: Any, room: str) -> Any:
+        """A claim or roster of ``room`` is answered (or failed): passes ``result`` on."""
+        count = self.catch_up[room][0]
+        count[0] -= 1
+        if not count[0]:
+            del self.catch_up[room]
+        return result
+
+    def _tell(self, news: list[Any], session: Session) -> None:
+        """Tell one member ``news`` (a joined or left message) it may have missed: the
+        Hub tells it if it is numbered after the member's roster (``told``)."""
+        if news[0] == "joined":
+            _, room, peer_id, node, fresh, seq = news
+            self.hub.remote_joined(room, peer_id, node, fresh, seq, session)
+        else:
+            _, room, peer_id, node, leave, part, contacts, seq = news
+            self.hub.remote_left(room, peer_id, leave, part, contacts, seq, session)
 
     def told(self, session: Session, seq: int) -> bool:
         """Whether a join or departure numbered ``seq`` is news to ``session``."""
@@ -672,7 +730,14 @@ class Link(Service):
         message = b""
         if leave or part:
             contacts = sorted(session.contacts) if session.contacts else None
-            message = _numbered(["left", room, session.id, self.node, leave, part, contacts])
+            news = ["left", room, session.id, self.node, leave, part, contacts]
+            message = _numbered(news)
+            caught = self.catch_up.get(room)
+            if caught is not None:
+                # A claim or roster in flight here was answered before this release (one
+                # connection, in order): the newcomer's PEERS will list this peer, and the
+                # Hub told only the members of now.
+                caught[1].append([*news, LATEST])
         self.unclaim(room, session.id, row, message)
 
     def relay(self, sender: Session, room: Room, dst: str, mtype: str, frame: bytes) -> None:
@@ -831,13 +896,18 @@ class Link(Service):
         elif kind == "remove":
             _, room, peer_id, reason = message
             hub.remote_remove(room, peer_id, reason)
-        elif kind == "joined":
-            _, room, peer_id, node, fresh, seq = message
-            if node != self.node:
+        elif kind in ("joined", "left"):
+            room, node = message[1], message[3]
+            if node == self.node:
+                return
+            caught = self.catch_up.get(room)
+            if caught is not None:
+                caught[1].append(message)
+            if kind == "joined":
+                _, room, peer_id, node, fresh, seq = message
                 hub.remote_joined(room, peer_id, node, fresh, seq)
-        elif kind == "left":
-            _, room, peer_id, node, leave, part, contacts, seq = message
-            if node != self.node:
+            else:
+                _, room, peer_id, node, leave, part, contacts, seq = message
                 hub.remote_left(room, peer_id, leave, part, contacts, seq)
 
     def epoch_of(self, session: Session) -> str:

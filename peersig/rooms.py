@@ -15,7 +15,6 @@ from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 
 from . import tokens
 from .auth import Verdict
@@ -789,13 +788,12 @@ class Hub:
         follows when Redis has listed them (this node's, if it cannot)."""
         peers = session.room.peers
         if members is None and self.cluster is not None:
-            def listed(ids: list[str] | Failure) -> None:
+            def listed(ids: list[str]) -> None:
                 if session.state == OPEN:
-                    found = ids if isinstance(ids, list) else session.room.members()
                     session.transport.send_frame(
-                        peers_frame([i for i in found if i != session.id]))
+                        peers_frame([i for i in ids if i != session.id]))
 
-            self.cluster.roster(session).addBoth(listed)
+            self.cluster.roster(session, listed)
         else:
             others = [i for i in members or session.room.members() if i != session.id]
             session.transport.send_frame(peers_frame(others))
@@ -1023,20 +1021,21 @@ class Hub:
         session.transport.close_with(CLOSE_NORMAL, "Replaced by a new connection")
 
     def remote_joined(self, room_name: str, peer_id: str, node: str, fresh: bool,
-                      seq: int) -> None:
+                      seq: int, only: Session | None = None) -> None:
         """``peer_id`` joined ``room_name`` on ``node`` (claim number ``seq``): JOIN to the
         members here whose PEERS did not list it (with --room-events, for a fresh join),
-        and what was queued here for it goes there."""
+        and what was queued here for it goes there. ``only``: a newcomer catching up on
+        it (``cluster.Link.joined``), the others having been told."""
         room = self.rooms.get(room_name)
         if room is None or self.cluster is None:
             return
         if fresh and self.config.room_events and self.config.room_by != "none":
             frame = join_frame(peer_id)
             news = self.cluster.told
-            for other in room.peers.values():
+            for other in (only,) if only is not None else room.peers.values():
                 if news(other, seq):
                     other.transport.send_frame(frame)
-        queue = room.queues.pop(peer_id, None)
+        queue = room.queues.pop(peer_id, None) if only is None else None
         if queue is not None:
             self._drop_queue(room, queue)
             origins = queue.origins or {}
@@ -1045,16 +1044,18 @@ class Hub:
                                      origins.get(sender_id, self.cluster.node), frame)
 
     def remote_left(self, room_name: str, peer_id: str, leave: bool, part: bool,
-                    contacts: list[str] | None, seq: int) -> None:
+                    contacts: list[str] | None, seq: int, only: Session | None = None) -> None:
         """``peer_id`` of another node left ``room_name`` (release number ``seq``): LEAVE
         to the members here it would have told (in none mode, its ``contacts``; None when
         its node died and the reaper speaks: then whoever here talked to it), PART with
-        --room-events; neither to a member whose PEERS came after it left."""
+        --room-events; neither to a member whose PEERS came after it left. ``only``: one
+        member catching up on it."""
         room = self.rooms.get(room_name)
         if room is None or self.cluster is None:
             return
         news = self.cluster.told
-        peers = {i: s for i, s in room.peers.items() if news(s, seq)}
+        members = {only.id: only} if only is not None else room.peers
+        peers = {i: s for i, s in members.items() if news(s, seq)}
         if leave:
             if not self._track_contacts:
                 told = list(peers.values())

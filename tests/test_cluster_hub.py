@@ -1,15 +1,17 @@
 """The Hub's side of --cluster, synchronously on a fake clock: a stub stands in for
 ``cluster.Link`` (Redis), so that what the Hub does with each of its answers, and with what
-other nodes say, is tested without processes. tests/test_cluster.py runs the real thing."""
+other nodes say, is tested without processes; the last tests run the real Link on a fake
+Redis connection. tests/test_cluster.py runs the real thing."""
 
 from __future__ import annotations
 
 import json
 from typing import Any
 
+import msgspec
 from twisted.internet.defer import Deferred, succeed
 
-from peersig.cluster import Claim
+from peersig.cluster import CLAIM, ROSTER, Claim, Link, Target
 from peersig.rooms import JoinRequest
 from peersig.session import Session
 
@@ -80,9 +82,9 @@ class StubLink:
         if row is not None:
             self.rows[new] = row
 
-    def roster(self, session: Session) -> Deferred[list[str]]:
+    def roster(self, session: Session, tell: Any) -> None:
         self.seen[session] = self.roster_seq
-        return succeed(list(self.room_members))
+        tell(list(self.room_members))
 
     def broadcast(self, room: str, frame: bytes) -> None:
         self.calls.append(("broadcast", room))
@@ -312,3 +314,101 @@ def test_news_is_told_only_to_members_whose_peers_came_before_it() -> None:
     world.hub.remote_left("room1", "x", True, True, None, 7)
     for member in (early, late):
         assert member.types() == ["JOIN", "LEAVE", "PART"]
+
+
+# -- the real Link on a fake Redis connection: the numbering of news -------------------------
+
+
+class FakeRedis:
+    """Records each script call; the test answers it (``answer``)."""
+
+    def __init__(self) -> None:
+        self.scripts: list[tuple[bytes, list[Any], Deferred[Any]]] = []
+
+    def eval(self, script: bytes, keys: list[str], args: list[Any]) -> Deferred[Any]:
+        d: Deferred[Any] = Deferred()
+        self.scripts.append((script, args, d))
+        return d
+
+    def execute_command(self, *args: Any) -> Deferred[Any]:
+        return succeed(1)
+
+    def answer(self, script: bytes, result: Any) -> list[Any]:
+        """Answer the oldest call of ``script`` still waiting: its arguments."""
+        for i, (called, args, d) in enumerate(self.scripts):
+            if called is script:
+                del self.scripts[i]
+                d.callback(result)
+                return args
+        raise AssertionError("no such call waiting")
+
+
+def linked(**config: Any) -> tuple[World, Link, FakeRedis]:
+    world = World(room_events=True, **config)
+    link = Link(world.hub, Target(path="/nowhere"), world.clock, node="here")
+    link.redis = redis = FakeRedis()
+    link.leased = link.subscribed = True
+    link.probe_seen = world.clock.seconds() + 1e6
+    world.hub.cluster = link
+    return world, link, redis
+
+
+def claimed(world: World, redis: FakeRedis, peer_id: str, seq: int,
+            members: list[str]) -> FakeTransport:
+    transport = world.connect(peer_id)
+    redis.answer(CLAIM, [b"ok", b"", b"", 0, seq, [m.encode() for m in members]])
+    return transport
+
+
+def bus(link: Link, *message: Any) -> None:
+    link.received(b"ps:ev", msgspec.msgpack.encode(list(message)))
+
+
+def test_news_heard_while_a_claim_is_answered_is_told_to_the_newcomer_after_peers() -> None:
+    world, link, redis = linked()
+    early = claimed(world, redis, "early", 2, ["early"])
+    early.take()
+    late = world.connect("late")  # its claim goes out (number 5, below)
+    bus(link, "joined", "room1", "z", "there", True, 4)  # before the claim: PEERS lists z
+    bus(link, "left", "room1", "y", "there", True, True, None, 7)  # after it
+    bus(link, "left", "room1", "w", "there", True, True, None, 5)  # 5: the claim's own number
+    assert early.types() == ["JOIN", "LEAVE", "PART", "LEAVE", "PART"]
+    assert late.frames == []
+    redis.answer(CLAIM, [b"ok", b"", b"", 0, 5, [b"early", b"z", b"y", b"late"]])
+    assert late.messages() == [{"type": "OPEN"},
+                               {"type": "PEERS", "payload": {"peers": ["early", "z", "y"]}},
+                               {"type": "LEAVE", "src": "y"}, {"type": "PART", "src": "y"}]
+    assert link.catch_up == {}  # nothing kept once the claim is answered
+
+
+def test_a_departure_here_while_a_claim_is_answered_is_told_to_the_newcomer() -> None:
+    world, _, redis = linked()
+    gone = claimed(world, redis, "gone", 2, ["gone"])
+    late = world.connect("late")
+    world.close(gone)  # its release goes out after the claim: PEERS will list it
+    redis.answer(CLAIM, [b"ok", b"", b"", 0, 3, [b"gone", b"late"]])
+    assert late.types() == ["OPEN", "PEERS", "LEAVE", "PART"]
+
+
+def test_a_departure_heard_while_a_roster_is_read_is_told_again_after_peers() -> None:
+    world, link, redis = linked(room_by="key")
+    a = world.connect("a", "t1", key="app")
+    redis.answer(CLAIM, [b"ok", b"", b"", 0, 3, [b"a", b"x"]])
+    again = world.connect("a", "t1", key="app")  # the same token: a takeover here
+    assert again.types() == ["OPEN"] and a.closed is not None
+    bus(link, "left", "app", "x", "there", True, True, None, 9)  # released after the roster
+    assert again.types() == ["OPEN", "LEAVE", "PART"]
+    redis.answer(ROSTER, [[b"a", b"x"], b"8"])
+    assert again.types()[3:] == ["PEERS", "LEAVE", "PART"]
+    bus(link, "joined", "app", "v", "there", True, 8)  # the roster's number: not news
+    bus(link, "joined", "app", "u", "there", True, 10)
+    assert again.messages()[-1] == {"type": "JOIN", "src": "u"} and len(again.frames) == 7
+    assert link.catch_up == {}
+
+
+def test_a_claim_that_fails_keeps_no_news() -> None:
+    world, link, redis = linked()
+    world.connect("late")
+    bus(link, "joined", "room1", "z", "there", True, 4)
+    redis.scripts[0][2].errback(TimeoutError())
+    assert link.catch_up == {}
