@@ -70,15 +70,17 @@ PROBE_WINDOW = 4.0
 _encode = msgspec.msgpack.encode
 _decode = msgspec.msgpack.decode
 
-# The next number of ps:seq. A counter lost with Redis's data starts again from Redis's
-# clock (microseconds), above every number taken before (fewer than one a microsecond).
+# The next number of ps:seq: one more than the last, and at least Redis's clock in
+# microseconds, so that a counter lost or rolled back with Redis's data (a restart, a
+# failover to a replica behind) never hands out a number again. Below 2^53: exact in Lua.
 NUMBER = b"""
 local function number()
   local seq = redis.call('INCR', 'ps:seq')
-  if seq == 1 then
-    local t = redis.call('TIME')
-    seq = t[1] * 1000000 + t[2]
-    redis.call('SET', 'ps:seq', string.format('%d', seq))
+  local t = redis.call('TIME')
+  local now = t[1] * 1000000 + t[2]
+  if seq < now then
+    seq = now
+    redis.call('SET', 'ps:seq', string.format('%d', now))
   end
   return seq
 end
@@ -341,10 +343,13 @@ class Link(Service):
         # Each local member's roster number (``ps:seq``): its PEERS listed the room as it
         # was then, so it hears only of joins and departures numbered after it.
         self.seen: dict[Session, int] = {}
-        # Rooms with claims or roster reads in flight here: how many, and the joined and
-        # left news heard meanwhile (with this node's own departures, numbered LATEST),
-        # which the newcomer catches up on once its number is known (``_caught_up``).
-        self.catch_up: dict[str, tuple[list[int], list[list[Any]]]] = {}
+        # Rooms with claims or roster reads in flight here (with --room-events, where
+        # PEERS is sent): for each, the joined and left news heard since it went out (and
+        # this node's own departures, numbered LATEST), which the newcomer is told once
+        # its number is known. Each lives until its call is answered or fails (DEADLINE).
+        self.catch_up: dict[str, list[list[list[Any]]]] = {}
+        # Set while ``fence`` closes this node's peers.
+        self.fencing = False
         # Reaping waits until this node's own lease has held for two leases (after a start
         # or an outage every lease may have lapsed: nobody is reaped for that).
         self.steady_since: float | None = None
@@ -531,10 +536,11 @@ class Link(Service):
         self.leased = False
         self.steady_since = None
         self.quiet = quiet
+        self.fencing = True
         try:
             self.hub.close_all(1012, "Service restart")
         finally:
-            self.quiet = False
+            self.quiet = self.fencing = False
 
     # -- what the Hub asks ------------------------------------------------------------------
 
@@ -547,7 +553,7 @@ class Link(Service):
         is ``dead_epoch`` (a probe found it dead). For taken, ``old`` is the holder's
         (node, epoch). Fails when Redis does not answer."""
         row = f"{self.node}|{os.urandom(4).hex()}|{token_digest(token)}"
-        self._listen(room)
+        heard = self._listen(room)
         d = self._eval(CLAIM, [_ids_key(room), self.peers_key, self.lease_key,
                                _ban_key(room, peer_id)],
                        [peer_id, self.node, row, token_digest(token), cap, takeover,
@@ -564,13 +570,13 @@ class Link(Service):
             old = (result[1].decode(), result[2].decode()) if outcome == "takeover" else None
             ids = [i.decode() for i in result[5]] if members else []
             seq = int(result[4])
-            return Claim(outcome, row, ids, old, bool(result[3]), seq, self._heard(room))
+            return Claim(outcome, row, ids, old, bool(result[3]), seq, tuple(heard or ()))
 
         def lost(failure: Any) -> Any:
             self.unclaim(room, peer_id, row)
             return failure
 
-        return d.addCallbacks(answered, lost).addBoth(self._unlisten, room)
+        return d.addCallbacks(answered, lost).addBoth(self._unlisten, room, heard)
 
     def joined(self, session: Session, claim: Claim) -> None:
         """``session`` holds ``claim.row``; its room-mates on other nodes hear of it
@@ -594,15 +600,13 @@ class Link(Service):
         it hears news as its former connection would; from then on, only news numbered
         after the roster, and a departure told before the roster came is told again."""
         room = session.room.name
-        self._listen(room)
+        heard = self._listen(room)
 
         def listed(result: list[Any]) -> None:
-            seq = int(result[1] or 0)
-            caught = self._heard(room)
             if session in self.seen:
-                self.seen[session] = seq
+                self.seen[session] = int(result[1] or 0)
             tell([i.decode() for i in result[0]])
-            for news in caught:
+            for news in heard or ():
                 if news[0] == "left":
                     self._tell(news, session)
 
@@ -610,31 +614,38 @@ class Link(Service):
             tell(session.room.members())
 
         d = self._eval(ROSTER, [_ids_key(room)], []).addCallbacks(listed, lost)
-        d.addBoth(self._unlisten, room).addErrback(
+        d.addBoth(self._unlisten, room, heard).addErrback(
             lambda f: log.failure("cluster: a roster failed", failure=f))
 
-    def _listen(self, room: str) -> None:
-        entry = self.catch_up.get(room)
-        if entry is None:
-            entry = self.catch_up[room] = ([0], [])
-        entry[0][0] += 1
+    def _listen(self, room: str) -> list[list[Any]] | None:
+        """A claim or roster of ``room`` goes out: the list that keeps the news heard
+        until it is answered (None without room events: no PEERS to catch up with)."""
+        config = self.hub.config
+        if not config.room_events or config.room_by == "none":
+            return None
+        heard: list[list[Any]] = []
+        self.catch_up.setdefault(room, []).append(heard)
+        return heard
 
-    def _heard(self, room: str) -> tuple[list[Any], ...]:
-        """The news of ``room`` heard since a claim or roster went out (``_tell`` tells
-        what is newer than the member's roster)."""
-        return tuple(self.catch_up[room][1])
-
-    def _unlisten(self, result: Any, room: str) -> Any:
-        """A claim or roster of ``room`` is answered (or failed): passes ``result`` on."""
-        count = self.catch_up[room][0]
-        count[0] -= 1
-        if not count[0]:
-            del self.catch_up[room]
+    def _unlisten(self, result: Any, room: str, heard: list[list[Any]] | None) -> Any:
+        """The call that ``heard`` listened for is answered (or failed): passes
+        ``result`` on."""
+        if heard is not None:
+            lists = self.catch_up[room]
+            lists[:] = [other for other in lists if other is not heard]
+            if not lists:
+                del self.catch_up[room]
         return result
+
+    def _keep(self, room: str, news: list[Any]) -> None:
+        for heard in self.catch_up.get(room, ()):
+            heard.append(news)
 
     def _tell(self, news: list[Any], session: Session) -> None:
         """Tell one member ``news`` (a joined or left message) it may have missed: the
         Hub tells it if it is numbered after the member's roster (``told``)."""
+        if session not in self.rows:
+            return  # gone meanwhile
         if news[0] == "joined":
             _, room, peer_id, node, fresh, seq = news
             self.hub.remote_joined(room, peer_id, node, fresh, seq, session)
@@ -728,17 +739,34 @@ class Link(Service):
             return
         room = session.room.name
         message = b""
+        part = part or (self.fencing and not self.quiet)  # its room-mates elsewhere: PART
         if leave or part:
             contacts = sorted(session.contacts) if session.contacts else None
             news = ["left", room, session.id, self.node, leave, part, contacts]
             message = _numbered(news)
-            caught = self.catch_up.get(room)
-            if caught is not None:
-                # A claim or roster in flight here was answered before this release (one
-                # connection, in order): the newcomer's PEERS will list this peer, and the
-                # Hub told only the members of now.
-                caught[1].append([*news, LATEST])
+            # A claim or roster in flight here is answered before this release (one
+            # connection, in order): its newcomer's PEERS will list this peer, and the Hub
+            # told only the members of now.
+            self._keep(room, [*news, LATEST])
         self.unclaim(room, session.id, row, message)
+
+    def withdraw(self, room: str, peer_id: str, claim: Claim) -> None:
+        """A won claim given back before its newcomer became a member (it left, a limit
+        was reached meanwhile, the node drains): the row goes, a former holder elsewhere
+        (``claim.old``) gives way all the same, and whoever may have heard of the id since
+        (PEERS listing it, or the former holder's room-mates) is told it left: PART, and
+        LEAVE too when it replaced a holder."""
+        if claim.old is not None:
+            self.displace(room, peer_id, claim.old)
+        news = ["left", room, peer_id, self.node, claim.old is not None, True, None]
+        # Claims and rosters in flight here were answered after this one.
+        self._keep(room, [*news, LATEST])
+        members = self.hub.rooms.get(room)
+        if claim.old is not None and members is not None:
+            # Members here were answered before this claim: only a holder replaced is news.
+            for session in list(members.peers.values()):
+                self._tell([*news, LATEST], session)
+        self.unclaim(room, peer_id, claim.row, _numbered(news))
 
     def relay(self, sender: Session, room: Room, dst: str, mtype: str, frame: bytes) -> None:
         """Send ``frame`` to ``dst`` on whichever node holds it. No holder anywhere, or this
@@ -900,9 +928,7 @@ class Link(Service):
             room, node = message[1], message[3]
             if node == self.node:
                 return
-            caught = self.catch_up.get(room)
-            if caught is not None:
-                caught[1].append(message)
+            self._keep(room, message)
             if kind == "joined":
                 _, room, peer_id, node, fresh, seq = message
                 hub.remote_joined(room, peer_id, node, fresh, seq)

@@ -364,13 +364,11 @@ class Hub:
                 # Said even if the place is given back at once: the release that empties
                 # the room again says room_finished.
                 self.events.event("room_started", self._public(name))
-            if won and claim.old is not None:
-                link.displace(name, req.id, claim.old)  # the row is no longer its own
             here = transport in self.waiting and self.waiting[transport] is None
             if here:
                 del self.waiting[transport]
             if won and (not here or self.draining or self._over_limits(req)):
-                link.unclaim(name, req.id, claim.row)
+                link.withdraw(name, req.id, claim)
                 won = False
             if not here:
                 return  # the newcomer left meanwhile
@@ -394,7 +392,7 @@ class Hub:
                     self._claimed(transport, req, name, size, claim)
                 except Exception:
                     log.failure("cluster: registering a claimed place failed")
-                    link.unclaim(name, req.id, claim.row)
+                    link.withdraw(name, req.id, claim)
                     transport.close_with(CLOSE_INTERNAL, E_INTERNAL)
 
         def failed(failure: Any) -> None:

@@ -11,7 +11,7 @@ from typing import Any
 import msgspec
 from twisted.internet.defer import Deferred, succeed
 
-from peersig.cluster import CLAIM, ROSTER, Claim, Link, Target
+from peersig.cluster import CLAIM, RELEASE, ROSTER, Claim, Link, Target
 from peersig.rooms import JoinRequest
 from peersig.session import Session
 
@@ -45,6 +45,8 @@ class StubLink:
         self.rows[session] = claim.row
         self.seen[session] = claim.seq
         self.calls.append(("joined", session.id, claim.old))
+        if claim.old is not None:
+            self.displace(session.room.name, session.id, claim.old)
 
     def told(self, session: Session, seq: int) -> bool:
         return self.seen.get(session, 0) < seq
@@ -55,6 +57,11 @@ class StubLink:
 
     def unclaim(self, room: str, peer_id: str, row: str) -> None:
         self.calls.append(("unclaim", peer_id, row))
+
+    def withdraw(self, room: str, peer_id: str, claim: Claim) -> None:
+        if claim.old is not None:
+            self.displace(room, peer_id, claim.old)
+        self.unclaim(room, peer_id, claim.row)
 
     def displace(self, room: str, peer_id: str, old: tuple[str, str]) -> None:
         self.calls.append(("displace", peer_id, old))
@@ -412,3 +419,48 @@ def test_a_claim_that_fails_keeps_no_news() -> None:
     bus(link, "joined", "room1", "z", "there", True, 4)
     redis.scripts[0][2].errback(TimeoutError())
     assert link.catch_up == {}
+
+
+def test_a_claim_that_goes_out_after_a_departure_here_is_not_told_of_it() -> None:
+    world, link, redis = linked()
+    gone = claimed(world, redis, "gone", 2, ["gone"])
+    first = world.connect("first")  # in flight when gone leaves: its PEERS will list gone
+    world.close(gone)
+    second = world.connect("second")  # goes out after gone's release
+    redis.answer(CLAIM, [b"ok", b"", b"", 0, 3, [b"gone", b"first"]])
+    redis.answer(CLAIM, [b"ok", b"", b"", 0, 5, [b"first", b"second"]])
+    assert first.types() == ["OPEN", "PEERS", "LEAVE", "PART", "JOIN"]
+    assert second.types() == ["OPEN", "PEERS"]
+    assert link.catch_up == {}
+
+
+def test_a_claim_given_back_is_told_as_a_part_to_whoever_listed_it() -> None:
+    world, _, redis = linked()
+    before = claimed(world, redis, "before", 2, ["before"])
+    newcomer = world.connect("b")
+    after = world.connect("after")
+    world.hub.withdraw(newcomer)  # b leaves before its claim is answered
+    pending = world.connect("pending")
+    redis.answer(CLAIM, [b"ok", b"", b"", 0, 5, [b"before", b"b"]])  # b's: given back
+    release = redis.answer(RELEASE, 1)
+    assert msgspec.msgpack.decode(release[3] + msgspec.msgpack.encode(9)) == \
+        ["left", "room1", "b", "here", False, True, None, 9]  # PART only, elsewhere
+    redis.answer(CLAIM, [b"ok", b"", b"", 0, 6, [b"before", b"b", b"after"]])
+    redis.answer(CLAIM, [b"ok", b"", b"", 0, 7, [b"before", b"b", b"after", b"pending"]])
+    assert before.types() == ["OPEN", "PEERS", "JOIN", "JOIN"]  # never heard of b
+    assert after.types() == ["OPEN", "PEERS", "PART", "JOIN"]
+    assert pending.types() == ["OPEN", "PEERS", "PART"] and pending.messages()[2]["src"] == "b"
+    # A takeover given back: the former holder elsewhere was displaced, so its id is gone
+    # for everyone, here too.
+    again = world.connect("x")
+    world.hub.withdraw(again)
+    redis.answer(CLAIM, [b"takeover", b"there", b"e1", 0, 8, [b"before", b"after", b"x"]])
+    assert before.types()[-2:] == ["LEAVE", "PART"]
+
+
+def test_a_fenced_node_tells_its_room_mates_elsewhere_part() -> None:
+    world, link, redis = linked()
+    claimed(world, redis, "a", 2, ["a"])
+    link.fence()
+    release = redis.answer(RELEASE, 1)
+    assert msgspec.msgpack.decode(release[3] + msgspec.msgpack.encode(9))[4:6] == [False, True]
