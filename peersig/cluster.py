@@ -212,9 +212,10 @@ for _, node in ipairs(late) do
       local row = redis.call('HGET', key, id)
       if row and string.match(row, '^([^|]*)') == node then
         redis.call('HDEL', key, id)
-        -- left: room, id, no node (the reaper speaks), LEAVE and PART, no contacts
-        redis.call('PUBLISH', 'ps:ev', '\\152' .. cmsgpack.pack('left') .. cmsgpack.pack(room)
-          .. cmsgpack.pack(id) .. cmsgpack.pack('') .. '\\195\\195\\192'
+        -- left: room, id, no node (the reaper speaks), LEAVE and PART, no contacts, news
+        -- to every member (since -1)
+        redis.call('PUBLISH', 'ps:ev', '\\153' .. cmsgpack.pack('left') .. cmsgpack.pack(room)
+          .. cmsgpack.pack(id) .. cmsgpack.pack('') .. '\\195\\195\\192\\255'
           .. cmsgpack.pack(number()))
         table.insert(gone, member)
         table.insert(gone, redis.call('EXISTS', key))
@@ -573,7 +574,7 @@ class Link(Service):
             return Claim(outcome, row, ids, old, bool(result[3]), seq, tuple(heard or ()))
 
         def lost(failure: Any) -> Any:
-            self.unclaim(room, peer_id, row)
+            self.withdraw(room, peer_id, Claim("lost", row, [], None, False))
             return failure
 
         return d.addCallbacks(answered, lost).addBoth(self._unlisten, room, heard)
@@ -650,12 +651,14 @@ class Link(Service):
             _, room, peer_id, node, fresh, seq = news
             self.hub.remote_joined(room, peer_id, node, fresh, seq, session)
         else:
-            _, room, peer_id, node, leave, part, contacts, seq = news
-            self.hub.remote_left(room, peer_id, leave, part, contacts, seq, session)
+            _, room, peer_id, node, leave, part, contacts, since, seq = news
+            self.hub.remote_left(room, peer_id, leave, part, contacts, seq, since, session)
 
-    def told(self, session: Session, seq: int) -> bool:
-        """Whether a join or departure numbered ``seq`` is news to ``session``."""
-        return self.seen.get(session, 0) < seq
+    def told(self, session: Session, seq: int, since: int = -1) -> bool:
+        """Whether a join or departure numbered ``seq`` is news to ``session``; with
+        ``since`` (a claim given back, never announced), only if its roster came after
+        that claim."""
+        return since < self.seen.get(session, 0) < seq
 
     def unclaim(self, room: str, peer_id: str, row: str, message: bytes = b"") -> None:
         """Give back ``row`` (a departure, a newcomer that left, or a claim whose answer
@@ -742,7 +745,7 @@ class Link(Service):
         part = part or (self.fencing and not self.quiet)  # its room-mates elsewhere: PART
         if leave or part:
             contacts = sorted(session.contacts) if session.contacts else None
-            news = ["left", room, session.id, self.node, leave, part, contacts]
+            news = ["left", room, session.id, self.node, leave, part, contacts, -1]
             message = _numbered(news)
             # A claim or roster in flight here is answered before this release (one
             # connection, in order): its newcomer's PEERS will list this peer, and the Hub
@@ -752,18 +755,22 @@ class Link(Service):
 
     def withdraw(self, room: str, peer_id: str, claim: Claim) -> None:
         """A won claim given back before its newcomer became a member (it left, a limit
-        was reached meanwhile, the node drains): the row goes, a former holder elsewhere
-        (``claim.old``) gives way all the same, and whoever may have heard of the id since
-        (PEERS listing it, or the former holder's room-mates) is told it left: PART, and
-        LEAVE too when it replaced a holder."""
+        was reached meanwhile, the node drains), or one whose answer was lost (no
+        ``claim.seq``: Redis may have run it): the row goes, a former holder elsewhere
+        (``claim.old``) gives way all the same, and whoever may have heard of the id is
+        told PART: the members whose PEERS came after the claim, or, when it replaced a
+        holder (or nobody knows), every member. Not LEAVE: a takeover is the same client
+        reconnecting, whose connections may live on."""
+        everyone = claim.old is not None or not claim.seq
         if claim.old is not None:
             self.displace(room, peer_id, claim.old)
-        news = ["left", room, peer_id, self.node, claim.old is not None, True, None]
+        news = ["left", room, peer_id, self.node, False, True, None,
+                -1 if everyone else claim.seq]
         # Claims and rosters in flight here were answered after this one.
         self._keep(room, [*news, LATEST])
         members = self.hub.rooms.get(room)
-        if claim.old is not None and members is not None:
-            # Members here were answered before this claim: only a holder replaced is news.
+        if everyone and members is not None:
+            # Members here were answered before this claim: only then is it news to them.
             for session in list(members.peers.values()):
                 self._tell([*news, LATEST], session)
         self.unclaim(room, peer_id, claim.row, _numbered(news))
@@ -933,8 +940,8 @@ class Link(Service):
                 _, room, peer_id, node, fresh, seq = message
                 hub.remote_joined(room, peer_id, node, fresh, seq)
             else:
-                _, room, peer_id, node, leave, part, contacts, seq = message
-                hub.remote_left(room, peer_id, leave, part, contacts, seq)
+                _, room, peer_id, node, leave, part, contacts, since, seq = message
+                hub.remote_left(room, peer_id, leave, part, contacts, seq, since)
 
     def epoch_of(self, session: Session) -> str:
         row = self.rows.get(session, "")

@@ -392,7 +392,12 @@ class Hub:
                     self._claimed(transport, req, name, size, claim)
                 except Exception:
                     log.failure("cluster: registering a claimed place failed")
-                    link.withdraw(name, req.id, claim)
+                    room = self.rooms.get(name)
+                    session = room.peers.get(req.id) if room is not None else None
+                    if session is not None and session.transport is transport:
+                        self.depart(session, "internal_error")  # registered: it leaves
+                    else:
+                        link.withdraw(name, req.id, claim)
                     transport.close_with(CLOSE_INTERNAL, E_INTERNAL)
 
         def failed(failure: Any) -> None:
@@ -1042,18 +1047,20 @@ class Hub:
                                      origins.get(sender_id, self.cluster.node), frame)
 
     def remote_left(self, room_name: str, peer_id: str, leave: bool, part: bool,
-                    contacts: list[str] | None, seq: int, only: Session | None = None) -> None:
+                    contacts: list[str] | None, seq: int, since: int = -1,
+                    only: Session | None = None) -> None:
         """``peer_id`` of another node left ``room_name`` (release number ``seq``): LEAVE
         to the members here it would have told (in none mode, its ``contacts``; None when
         its node died and the reaper speaks: then whoever here talked to it), PART with
-        --room-events; neither to a member whose PEERS came after it left. ``only``: one
+        --room-events; neither to a member whose PEERS came after it left, nor (``since``,
+        a claim given back) to one whose PEERS came before that claim. ``only``: one
         member catching up on it."""
         room = self.rooms.get(room_name)
         if room is None or self.cluster is None:
             return
         news = self.cluster.told
         members = {only.id: only} if only is not None else room.peers
-        peers = {i: s for i, s in members.items() if news(s, seq)}
+        peers = {i: s for i, s in members.items() if news(s, seq, since)}
         if leave:
             if not self._track_contacts:
                 told = list(peers.values())

@@ -595,12 +595,12 @@ def test_news_older_than_a_members_peers_is_not_told_again(tmp_path: Path,
         room = redis.cli("KEYS", "ps:ids:*")[len("ps:ids:{"):-1]
         # Late news of a's join, and of a departure before b's claim: old news to b.
         stale = [["joined", room, "a", "elsewhere", True, before_b],
-                 ["left", room, "gone", "elsewhere", True, True, None, before_b]]
+                 ["left", room, "gone", "elsewhere", True, True, None, -1, before_b]]
         for message in stale:
             assert redis.publish("ps:ev", msgspec.msgpack.encode(message)) == 2
         # News after b's claim is told, and it is the next thing b hears.
         assert redis.publish("ps:ev", msgspec.msgpack.encode(
-            ["left", room, "later", "elsewhere", True, True, None, b_claim + 1])) == 2
+            ["left", room, "later", "elsewhere", True, True, None, -1, b_claim + 1])) == 2
         assert [json.loads(b.recv(timeout=5))["type"] for _ in range(2)] == ["LEAVE", "PART"]
         # A counter rolled back with Redis's data (a failover to a replica behind) goes on
         # from Redis's clock: c's join is still news to b.

@@ -48,8 +48,8 @@ class StubLink:
         if claim.old is not None:
             self.displace(session.room.name, session.id, claim.old)
 
-    def told(self, session: Session, seq: int) -> bool:
-        return self.seen.get(session, 0) < seq
+    def told(self, session: Session, seq: int, since: int = -1) -> bool:
+        return since < self.seen.get(session, 0) < seq
 
     def forget(self, session: Session) -> str | None:
         self.seen.pop(session, None)
@@ -377,8 +377,8 @@ def test_news_heard_while_a_claim_is_answered_is_told_to_the_newcomer_after_peer
     early.take()
     late = world.connect("late")  # its claim goes out (number 5, below)
     bus(link, "joined", "room1", "z", "there", True, 4)  # before the claim: PEERS lists z
-    bus(link, "left", "room1", "y", "there", True, True, None, 7)  # after it
-    bus(link, "left", "room1", "w", "there", True, True, None, 5)  # 5: the claim's own number
+    bus(link, "left", "room1", "y", "there", True, True, None, -1, 7)  # after it
+    bus(link, "left", "room1", "w", "there", True, True, None, -1, 5)  # the claim's number
     assert early.types() == ["JOIN", "LEAVE", "PART", "LEAVE", "PART"]
     assert late.frames == []
     redis.answer(CLAIM, [b"ok", b"", b"", 0, 5, [b"early", b"z", b"y", b"late"]])
@@ -403,7 +403,7 @@ def test_a_departure_heard_while_a_roster_is_read_is_told_again_after_peers() ->
     redis.answer(CLAIM, [b"ok", b"", b"", 0, 3, [b"a", b"x"]])
     again = world.connect("a", "t1", key="app")  # the same token: a takeover here
     assert again.types() == ["OPEN"] and a.closed is not None
-    bus(link, "left", "app", "x", "there", True, True, None, 9)  # released after the roster
+    bus(link, "left", "app", "x", "there", True, True, None, -1, 9)  # after the roster
     assert again.types() == ["OPEN", "LEAVE", "PART"]
     redis.answer(ROSTER, [[b"a", b"x"], b"8"])
     assert again.types()[3:] == ["PEERS", "LEAVE", "PART"]
@@ -428,6 +428,7 @@ def test_a_claim_that_goes_out_after_a_departure_here_is_not_told_of_it() -> Non
     world.close(gone)
     second = world.connect("second")  # goes out after gone's release
     redis.answer(CLAIM, [b"ok", b"", b"", 0, 3, [b"gone", b"first"]])
+    redis.answer(RELEASE, 1)  # one connection: in the order they went out
     redis.answer(CLAIM, [b"ok", b"", b"", 0, 5, [b"first", b"second"]])
     assert first.types() == ["OPEN", "PEERS", "LEAVE", "PART", "JOIN"]
     assert second.types() == ["OPEN", "PEERS"]
@@ -443,8 +444,9 @@ def test_a_claim_given_back_is_told_as_a_part_to_whoever_listed_it() -> None:
     pending = world.connect("pending")
     redis.answer(CLAIM, [b"ok", b"", b"", 0, 5, [b"before", b"b"]])  # b's: given back
     release = redis.answer(RELEASE, 1)
+    # Elsewhere: PART, to the members whose PEERS came after b's claim (5) only.
     assert msgspec.msgpack.decode(release[3] + msgspec.msgpack.encode(9)) == \
-        ["left", "room1", "b", "here", False, True, None, 9]  # PART only, elsewhere
+        ["left", "room1", "b", "here", False, True, None, 5, 9]
     redis.answer(CLAIM, [b"ok", b"", b"", 0, 6, [b"before", b"b", b"after"]])
     redis.answer(CLAIM, [b"ok", b"", b"", 0, 7, [b"before", b"b", b"after", b"pending"]])
     assert before.types() == ["OPEN", "PEERS", "JOIN", "JOIN"]  # never heard of b
@@ -455,7 +457,19 @@ def test_a_claim_given_back_is_told_as_a_part_to_whoever_listed_it() -> None:
     again = world.connect("x")
     world.hub.withdraw(again)
     redis.answer(CLAIM, [b"takeover", b"there", b"e1", 0, 8, [b"before", b"after", b"x"]])
-    assert before.types()[-2:] == ["LEAVE", "PART"]
+    assert before.types()[-1] == "PART" and "LEAVE" not in before.types()  # it may come back
+    release = redis.answer(RELEASE, 1)
+    assert msgspec.msgpack.decode(release[3] + msgspec.msgpack.encode(9))[4:] == \
+        [False, True, None, -1, 9]  # PART to every member elsewhere
+
+
+def test_part_of_a_claim_given_back_elsewhere_goes_to_who_listed_it() -> None:
+    world, link, redis = linked()
+    early = claimed(world, redis, "early", 2, ["early"])
+    late = claimed(world, redis, "late", 6, ["early", "b", "late"])
+    early.take(), late.take()
+    bus(link, "left", "room1", "b", "there", False, True, None, 5, 7)  # b's claim was 5
+    assert early.take() == [] and late.types() == ["PART"]
 
 
 def test_a_fenced_node_tells_its_room_mates_elsewhere_part() -> None:
@@ -464,3 +478,36 @@ def test_a_fenced_node_tells_its_room_mates_elsewhere_part() -> None:
     link.fence()
     release = redis.answer(RELEASE, 1)
     assert msgspec.msgpack.decode(release[3] + msgspec.msgpack.encode(9))[4:6] == [False, True]
+    # Reaped while away (quiet): the reaper told them.
+    link.leased = True
+    claimed(world, redis, "b", 3, ["b"])
+    link.fence(quiet=True)
+    assert redis.answer(RELEASE, 1)[3] == b""
+
+
+def test_a_claim_whose_answer_is_lost_is_given_back_with_part_to_everyone() -> None:
+    world, _, redis = linked()
+    world.connect("b")
+    redis.scripts[0][2].errback(TimeoutError())
+    release = redis.answer(RELEASE, 1)
+    assert msgspec.msgpack.decode(release[3] + msgspec.msgpack.encode(9))[4:] == \
+        [False, True, None, -1, 9]
+
+
+def test_a_newcomer_registered_when_its_setup_fails_leaves_as_any_peer() -> None:
+    world, link, redis = linked()
+    mate = claimed(world, redis, "mate", 2, ["mate"])
+    mate.take()
+    broken = world.connect("b")
+
+    def attach(session: Any) -> None:
+        raise RuntimeError("attach failed")
+
+    broken.attach = attach  # type: ignore[method-assign]
+    redis.answer(CLAIM, [b"ok", b"", b"", 0, 3, [b"mate", b"b"]])
+    assert broken.closed is not None and broken.closed[0] == 1011
+    assert mate.types() == ["JOIN", "LEAVE", "PART"]  # once each
+    assert world.hub.sessions == {mate.session} and set(link.rows) == {mate.session}
+    release = redis.answer(RELEASE, 1)
+    assert msgspec.msgpack.decode(release[3] + msgspec.msgpack.encode(9))[4:6] == [True, True]
+    assert redis.scripts == []  # one release, no displace or second release
