@@ -2,10 +2,13 @@
 7.2+ (issue 23; ``docs/scaling.md``).
 
 Facts live in keys, changed only by the scripts below (one round trip each, atomic);
-messages go over pub/sub, which is at most once: every path that can lose one ends in
-EXPIRE to the sender or in a key a later step reads. The rules stay in ``rooms.Hub``:
-it asks this module only the questions one process cannot answer alone (who holds an id
-on another node, is the room full elsewhere, where does a destination live).
+messages go over pub/sub, which is at most once: every relay path that can lose one ends in
+EXPIRE to the sender or in a key a later step reads. News of joins and departures
+(JOIN, LEAVE, PART) lost so (a subscriber reconnecting) is not told again.
+
+The rules stay in ``rooms.Hub``: it asks this module only the questions one process cannot
+answer alone (who holds an id on another node, is the room full elsewhere, where does a
+destination live).
 
 Keys (``ps:`` prefix; ``R`` is a room name as ``Hub.rooms`` keys it, ``""`` in none mode):
 
@@ -21,7 +24,8 @@ Keys (``ps:`` prefix; ``R`` is a room name as ``Hub.rooms`` keys it, ``""`` in n
   remembers the number of the roster its PEERS gave (``Link.seen``): it is told of a change
   only if the change is newer than that roster. News that arrives while a member's claim
   or roster is still being answered is kept for it (``Link.catch_up``), so the order in
-  which the bus and the command connection bring the two does not matter.
+  which the bus and the command connection bring the two does not matter (after a roster,
+  departures are told again; joins are not, as PEERS only adds to a page's list).
 
 Channels: ``ps:in:N`` (to node N: relay, expire, takeover, probe) and ``ps:ev`` (to every
 node: joined, left). Two subscriptions per node, whatever the number of peers.
@@ -101,6 +105,8 @@ if old then
     else
       return {'taken', node, epoch}
     end
+  else
+    result = {'ok', node, epoch, 0}  -- a dead node's row, or this node's: replaced
   end
   redis.call('SREM', 'ps:peers:' .. node, ARGV[7])
 else
@@ -265,6 +271,8 @@ class Claim(NamedTuple):
     first: bool
     # The claim's number from ``ps:seq`` (0 unless ok or takeover).
     seq: int = 0
+    # It replaced a row: a live holder's (``old``), a dead node's or this node's.
+    replaced: bool = False
     # Joined and left news newer than the claim, heard before its answer (``Link.joined``
     # tells the newcomer).
     news: tuple[list[Any], ...] = ()
@@ -571,7 +579,8 @@ class Link(Service):
             old = (result[1].decode(), result[2].decode()) if outcome == "takeover" else None
             ids = [i.decode() for i in result[5]] if members else []
             seq = int(result[4])
-            return Claim(outcome, row, ids, old, bool(result[3]), seq, tuple(heard or ()))
+            return Claim(outcome, row, ids, old, bool(result[3]), seq, bool(result[1]),
+                         tuple(heard or ()))
 
         def lost(failure: Any) -> Any:
             self.withdraw(room, peer_id, Claim("lost", row, [], None, False))
@@ -585,10 +594,11 @@ class Link(Service):
         elsewhere (``claim.old``: its node and epoch) gives way."""
         room = session.room.name
         self.rows[session] = claim.row
-        self.seen[session] = claim.seq
+        if self.hub.config.room_events:  # told() of a member without an entry: always
+            self.seen[session] = claim.seq
         # First joined (the former holder's node forwards what it queued for the id), then
         # the takeover (which may close that node's last member of the room).
-        self.publish("ps:ev", ["joined", room, session.id, self.node, claim.old is None,
+        self.publish("ps:ev", ["joined", room, session.id, self.node, not claim.replaced,
                                claim.seq])
         if claim.old is not None:
             self.displace(room, session.id, claim.old)
@@ -648,10 +658,10 @@ class Link(Service):
         if session not in self.rows:
             return  # gone meanwhile
         if news[0] == "joined":
-            _, room, peer_id, node, fresh, seq = news
+            _, room, peer_id, node, fresh, seq = news[:6]
             self.hub.remote_joined(room, peer_id, node, fresh, seq, session)
         else:
-            _, room, peer_id, node, leave, part, contacts, since, seq = news
+            _, room, peer_id, node, leave, part, contacts, since, seq = news[:9]
             self.hub.remote_left(room, peer_id, leave, part, contacts, seq, since, session)
 
     def told(self, session: Session, seq: int, since: int = -1) -> bool:
@@ -761,7 +771,7 @@ class Link(Service):
         told PART: the members whose PEERS came after the claim, or, when it replaced a
         holder (or nobody knows), every member. Not LEAVE: a takeover is the same client
         reconnecting, whose connections may live on."""
-        everyone = claim.old is not None or not claim.seq
+        everyone = claim.replaced or not claim.seq
         if claim.old is not None:
             self.displace(room, peer_id, claim.old)
         news = ["left", room, peer_id, self.node, False, True, None,
@@ -936,11 +946,12 @@ class Link(Service):
             if node == self.node:
                 return
             self._keep(room, message)
+            # Items a later version appends are ignored.
             if kind == "joined":
-                _, room, peer_id, node, fresh, seq = message
+                _, room, peer_id, node, fresh, seq = message[:6]
                 hub.remote_joined(room, peer_id, node, fresh, seq)
             else:
-                _, room, peer_id, node, leave, part, contacts, since, seq = message
+                _, room, peer_id, node, leave, part, contacts, since, seq = message[:9]
                 hub.remote_left(room, peer_id, leave, part, contacts, seq, since)
 
     def epoch_of(self, session: Session) -> str:

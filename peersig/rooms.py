@@ -394,9 +394,12 @@ class Hub:
                     log.failure("cluster: registering a claimed place failed")
                     room = self.rooms.get(name)
                     session = room.peers.get(req.id) if room is not None else None
-                    if session is not None and session.transport is transport:
+                    if session is not None and session.transport is not transport:
+                        session = None
+                    announced = session is not None and session in link.rows
+                    if session is not None:
                         self.depart(session, "internal_error")  # registered: it leaves
-                    else:
+                    if not announced:  # its row was not released by depart
                         link.withdraw(name, req.id, claim)
                     transport.close_with(CLOSE_INTERNAL, E_INTERNAL)
 
@@ -483,7 +486,9 @@ class Hub:
         if room is None:
             room = self._open_room(name, now, size, None, announce=False)
         session = Session(self, transport, room, req.id, req.token, req.address, now)
-        outcome = "opened" if claim.old is None else "takeover"
+        # A row replaced (a holder elsewhere, or a dead or draining node's: the same client
+        # back) is a takeover: nobody was told it left, nobody is told it joined.
+        outcome = "takeover" if claim.replaced else "opened"
         if claim.old is not None:
             self.stats.takeovers["cluster"] += 1
         self._register(session, outcome, claim.members if claim.members else None)

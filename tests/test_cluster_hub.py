@@ -112,7 +112,7 @@ def clustered(**config: Any) -> tuple[World, StubLink]:
 def ok(row: str = "here|e1|t", old: tuple[str, str] | None = None,
        members: list[str] | None = None, seq: int = 0) -> Claim:
     return Claim("ok" if old is None else "takeover", row, members or [], old, old is None,
-                 seq)
+                 seq, old is not None)
 
 
 def join(world: World, link: StubLink, peer_id: str, answer: Claim | None = None,
@@ -511,3 +511,32 @@ def test_a_newcomer_registered_when_its_setup_fails_leaves_as_any_peer() -> None
     release = redis.answer(RELEASE, 1)
     assert msgspec.msgpack.decode(release[3] + msgspec.msgpack.encode(9))[4:6] == [True, True]
     assert redis.scripts == []  # one release, no displace or second release
+
+
+def test_a_dead_nodes_row_taken_and_given_back_is_part_to_everyone() -> None:
+    world, _, redis = linked()
+    newcomer = world.connect("x")  # back from a drained node, whose row it replaces
+    world.hub.withdraw(newcomer)
+    redis.answer(CLAIM, [b"ok", b"dead", b"e0", 0, 5, [b"x"]])
+    release = redis.answer(RELEASE, 1)
+    assert msgspec.msgpack.decode(release[3] + msgspec.msgpack.encode(9))[4:] == \
+        [False, True, None, -1, 9]  # everyone had it listed
+
+
+def test_a_newcomer_whose_setup_fails_before_it_is_announced_gives_its_row_back() -> None:
+    world, link, redis = linked()
+    mate = claimed(world, redis, "mate", 2, ["mate"])
+    mate.take()
+    broken = world.connect("b")
+
+    def fail(*_: Any) -> None:
+        raise RuntimeError("PEERS failed")
+
+    world.hub._tell_room = fail  # type: ignore[method-assign]
+    redis.answer(CLAIM, [b"ok", b"", b"", 0, 3, [b"mate", b"b"]])
+    assert broken.closed is not None and broken.closed[0] == 1011
+    assert world.hub.sessions == {mate.session} and set(link.rows) == {mate.session}
+    release = redis.answer(RELEASE, 1)
+    assert release[1].startswith("here|")  # the claim's row goes back
+    assert msgspec.msgpack.decode(release[3] + msgspec.msgpack.encode(9))[4:] == \
+        [False, True, None, 3, 9]  # never announced: PART to whoever listed it
