@@ -39,8 +39,8 @@ class Config:
     takeover_probe: float = 1.0
     # Seconds a member whose socket closed keeps its place for a reconnect (Hub.socket_closed).
     reconnect_grace: float = 10.0
-    # Seconds a reactor at rest lets arrivals gather before it polls (LeanEPollReactor).
-    poll_coalesce: float = 0.0
+    # Seconds a reactor at rest lets heartbeats gather before it polls (LeanEPollReactor).
+    poll_coalesce: float = 0.05
     # --auth jwt (jwtauth.py): where keys come from (a KeyFile or a JWKS), and the aud and
     # iss claims required when set.
     jwt_keys: Any = None

@@ -124,6 +124,9 @@ class _TypeOnly(msgspec.Struct):
 
 
 _frame_decoder = msgspec.json.Decoder(_Frame)
+# The frame the stock client sends every 5 s (PEERJS-PROTOCOL.md), byte for byte.
+HEARTBEAT_FRAME: Final = b'{"type":"HEARTBEAT"}'
+_HEARTBEAT: Final = Inbound(HEARTBEAT, None, None)
 _type_decoder = msgspec.json.Decoder(_TypeOnly)
 
 
@@ -134,6 +137,8 @@ def parse_frame(data: bytes, app_types: frozenset[str] = frozenset()) -> Inbound
     be absent (a message to the whole room). Invalid UTF-8 fails here too, so the transport
     need not validate it separately.
     """
+    if data == HEARTBEAT_FRAME:  # most frames at rest: the decoder's 0.67 us, skipped
+        return _HEARTBEAT
     # msgspec checks the UTF-8 of the strings it decodes, not of a payload it skips.
     if not data.isascii():
         try:
@@ -151,7 +156,7 @@ def parse_frame(data: bytes, app_types: frozenset[str] = frozenset()) -> Inbound
             except (msgspec.MsgspecError, RecursionError):
                 raise BadFrame("bad_json") from None  # it failed before reaching the end
             if kind == HEARTBEAT:
-                return Inbound(HEARTBEAT, None, None)
+                return _HEARTBEAT
             known = type(kind) is str and (kind in CLIENT_TYPES or kind in app_types)
             raise BadFrame("no_dst" if known else "bad_type") from None
         raise BadFrame("bad_type" if "`$.type" in where else "not_object") from None
@@ -169,7 +174,7 @@ def _inbound(mtype: object, dst: object, payload: msgspec.Raw | bytes,
     if type(mtype) is not str or (mtype not in CLIENT_TYPES and mtype not in app_types):
         raise BadFrame("bad_type")
     if mtype == HEARTBEAT:
-        return Inbound(HEARTBEAT, None, None)
+        return _HEARTBEAT
     if type(dst) is not str or not dst:
         if dst is None and mtype in app_types:  # to the whole room
             return Inbound(mtype, None, None if payload is _ABSENT else bytes(payload))

@@ -67,6 +67,10 @@ class HubCollector:
         yield GaugeMetricFamily("peersig_webhook_queue", "Webhook events waiting, all "
                                 "receivers together.",
                                 value=hub.events.queued() if hub.events is not None else 0)
+        yield _labelled("peersig_poll_gathering", "The event loop's gathering of heartbeats "
+                        "at rest (--poll-coalesce): rounds served after gathering (round), "
+                        "gatherings ended by a message or a new connection.", "event",
+                        stats.gathering)
         yield CounterMetricFamily("peersig_expiries", "EXPIRE notices sent to senders.",
                                   value=stats.expiries)
         yield CounterMetricFamily("peersig_rate_limited", "Frames dropped by the rate limit.",

@@ -817,6 +817,7 @@ class Hub:
         stats = self.stats
         mtype = msg.type
         stats.received[mtype] += 1
+        stats.routed += 1
         room = sender.room
         dst = msg.dst
         if dst is None:  # an app message to the whole room

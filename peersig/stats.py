@@ -41,6 +41,7 @@ class Stats:
         "disconnections",
         "drops",
         "expiries",
+        "gathering",
         "history",
         "ice",
         "probes",
@@ -48,6 +49,7 @@ class Stats:
         "received",
         "relay_seconds",
         "relayed",
+        "routed",
         "sweep_errors",
         "sweep_seconds",
         "takeovers",
@@ -76,6 +78,12 @@ class Stats:
         # and retries
         self.webhooks: Counter[str] = Counter()
         self.expiries = 0
+        # messages routed (every accepted frame but HEARTBEAT): a server at rest counts
+        # none, which is how the reactor tells it (upstream.twisted.LeanEPollReactor)
+        self.routed = 0
+        # the reactor's gathering at rest: rounds served after gathering, and gatherings
+        # ended by a message or a new connection
+        self.gathering: Counter[str] = Counter()
         self.rate_limited = 0
         self.sweep_errors = 0
         self.sweep_seconds = Histogram((0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1))

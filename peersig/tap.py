@@ -111,10 +111,12 @@ class Options(usage.Options):
         ["demo-peerjs-url", None, None,
          "Where the demo page loads the PeerJS client from [default: a pinned CDN URL, with "
          "its integrity hash]."],
-        ["poll-coalesce", None, 0.0,
-         "Milliseconds a server at rest lets arrivals gather before it serves them, so that "
-         "heartbeats of independent peers share a wakeup (a message waits about this long "
-         "at most; a busy server does not gather); 0 = off.", _non_negative_float],
+        ["poll-coalesce", None, 50.0,
+         "Milliseconds a server at rest lets heartbeats gather before it serves them, so "
+         "that those of independent peers share a wakeup. At rest: nothing but heartbeats "
+         "and pongs, and no new connection, for 2 s. The first message or connection after "
+         "that waits this long at most, and ends the gathering; 0 = off.",
+         _non_negative_float],
         ["reconnect-grace", None, 10.0,
          "Seconds a peer whose socket closed without leaving for good (peer.disconnect(), a "
          "cut connection) keeps its id and seat; a reconnect within them is silent (no LEAVE, "
@@ -444,15 +446,16 @@ def makeService(options: Options) -> IService:
     from .service import make_service
     from .upstream.twisted import lighten
 
+    service = make_service(options.built, options["port"], reactor)  # type: ignore[arg-type,unused-ignore]
     coalesce = options.built.poll_coalesce
-    if not lighten(reactor, coalesce) and coalesce:
+    if not lighten(reactor, coalesce, service.hub.stats) and coalesce:
         Logger().warn("--poll-coalesce needs the epoll reactor and its lean loop: ignored")
     elif coalesce:
-        Logger().info("at rest, arrivals gather for up to {ms:g} ms before they are served "
+        Logger().info("at rest, heartbeats gather for up to {ms:g} ms before they are served "
                       "(--poll-coalesce)", ms=coalesce * 1000)
     # A full pass of the cycle collector walks every tracked object, some 50 per peer: the
     # five of a 20,000-peer ramp took 0.7 s of CPU, a tenth of it (docs/benchmarks.md).
     # Departed peers are freed by reference counting (their cycles are cut as they go), so
     # those passes find next to nothing; they now wait for 100 middle passes, not 10.
     gc.set_threshold(*gc.get_threshold()[:2], 100)
-    return make_service(options.built, options["port"], reactor)  # type: ignore[arg-type,unused-ignore]
+    return service

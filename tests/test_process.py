@@ -305,23 +305,31 @@ def test_an_allowlist_opens_exactly_its_origins(tmp_path: Path) -> None:
         proc.stop()
 
 
-def test_a_server_gathering_arrivals_at_rest_relays_every_message_in_order(
+def test_a_server_gathering_heartbeats_at_rest_relays_every_message_in_order(
         tmp_path: Path) -> None:
-    """--poll-coalesce: messages sent at rest (each one a wakeup of its own) and in a
-    burst all arrive, in order; the log says the reactor gathers."""
-    proc = ServerProcess(tmp_path, ["--poll-coalesce", "20"])
+    """--poll-coalesce, on by default: after QUIET s of nothing but heartbeats (the server
+    at rest, each heartbeat a wakeup of its own) it gathers them; the first message ends the
+    gathering, and messages sent one by one and then in a burst all arrive, in order."""
+    from peersig.upstream.twisted import QUIET
+
+    proc = ServerProcess(tmp_path)
     proc.start()
     try:
-        assert "arrivals gather for up to 20 ms" in proc.log_path.read_text()
+        assert "heartbeats gather for up to 50 ms" in proc.log_path.read_text()
         with connect(proc.ws_url("alice")) as a, connect(proc.ws_url("bob")) as b:
             assert a.recv(timeout=5) == '{"type":"OPEN"}'
             assert b.recv(timeout=5) == '{"type":"OPEN"}'
+            for _ in range(int((QUIET + 0.5) / 0.01)):
+                a.send('{"type":"HEARTBEAT"}')
+                time.sleep(0.01)
             for n in range(12):
                 if n < 6:
-                    time.sleep(0.03)  # at rest: the server gathers
+                    time.sleep(0.03)
                 a.send(json.dumps({"type": "CANDIDATE", "dst": "bob", "payload": {"n": n}}))
             for n in range(12):
                 assert recv_json(b)["payload"] == {"n": n}
+            assert proc.metric("peersig_poll_gathering_total", event="round") > 0
+            assert proc.metric("peersig_poll_gathering_total", event="message") >= 1
     finally:
         proc.stop()
 

@@ -13,10 +13,10 @@ import inspect
 import random
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, NamedTuple
 
 import pytest
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
@@ -32,6 +32,7 @@ from twisted.internet.testing import MemoryReactor, StringTransport
 from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
 
+from peersig.stats import Stats
 from peersig.upstream import REACHES, on
 from peersig.upstream.autobahn import (
     NONE_WHILE_OPEN,
@@ -79,7 +80,8 @@ def test_lean_reactor_changes_only_a_plain_epoll_reactor() -> None:
     try:
         assert lighten(reactor)
         assert type(reactor) is LeanEPollReactor and reactor.coalesce == 0.0
-        assert lighten(reactor, 0.02) and reactor.coalesce == 0.02  # already lean: retuned
+        assert lighten(reactor, 0.02, Stats()) and reactor.coalesce == 0.02  # retuned
+        assert lighten(reactor, 0.02) and reactor.coalesce == 0.0  # no stats: no gathering
         assert not lighten(Clock())
     finally:
         reactor._poller.close()
@@ -181,9 +183,10 @@ class SlowReader(Reader):
 
 
 @pytest.fixture
-def gathering(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Any, FakeTime, Poller, Any]]:
-    """A lean reactor gathering for 10 ms, on fake time, and a way to make N descriptors
-    readable."""
+def gathering(monkeypatch: pytest.MonkeyPatch) -> Iterator[Gathering]:
+    """A lean reactor gathering for 10 ms, on fake time, settled (its descriptors added
+    ``QUIET`` s ago), with a way to make N descriptors readable and one to count a message
+    that should not wait."""
     from peersig.upstream import twisted as reach
 
     fake = FakeTime()
@@ -192,7 +195,8 @@ def gathering(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Any, FakeTime, 
     real = reactor._poller
     poller = Poller(real, fake)
     reactor._poller = poller
-    lighten(reactor, 0.010)
+    stats = Stats()
+    lighten(reactor, 0.010, stats)
     pairs = [socket.socketpair() for _ in range(60)]
     SlowReader.fake = fake
     for a, _ in pairs:
@@ -202,8 +206,14 @@ def gathering(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Any, FakeTime, 
         for _, far in pairs[:n]:
             far.send(b"x")
 
+    def stir() -> None:
+        stats.routed += 1
+
+    fake.now = -reach.QUIET
+    reactor.doPoll(0)  # the descriptors came: a change, then QUIET s of nothing
+    fake.now = 0.0
     try:
-        yield reactor, fake, poller, arrive
+        yield Gathering(reactor, fake, poller, arrive, stir)
     finally:
         reactor.removeAll()
         real.close()
@@ -212,11 +222,18 @@ def gathering(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Any, FakeTime, 
             b.close()
 
 
-def test_lean_reactor_gathers_the_arrivals_of_a_server_at_rest(
-        gathering: tuple[Any, FakeTime, Poller, Any]) -> None:
+class Gathering(NamedTuple):
+    reactor: Any
+    fake: FakeTime
+    poller: Poller
+    arrive: Callable[[int], None]
+    stir: Callable[[], None]
+
+
+def test_lean_reactor_gathers_the_arrivals_of_a_server_at_rest(gathering: Gathering) -> None:
     from peersig.upstream.twisted import REST
 
-    reactor, fake, poller, arrive = gathering
+    reactor, fake, poller, arrive, _stir = gathering
     for waited in (REST / 2, 0.050):  # a busy moment; arrivals sparser than one per round
         arrive(1)
         fake.waited = waited
@@ -242,11 +259,10 @@ def test_lean_reactor_gathers_the_arrivals_of_a_server_at_rest(
 
 
 @pytest.mark.parametrize("busy", ["ready descriptors", "serving time"])
-def test_lean_reactor_stops_gathering_when_busy(
-        gathering: tuple[Any, FakeTime, Poller, Any], busy: str) -> None:
+def test_lean_reactor_stops_gathering_when_busy(gathering: Gathering, busy: str) -> None:
     from peersig.upstream.twisted import BUSY, REST
 
-    reactor, fake, poller, arrive = gathering
+    reactor, fake, poller, arrive, _stir = gathering
     arrive(1)
     fake.waited = REST
     reactor.doPoll(1.0)
@@ -262,6 +278,64 @@ def test_lean_reactor_stops_gathering_when_busy(
     arrive(1)
     reactor.doPoll(1.0)  # no sleep while busy
     assert fake.sleeps == [0.010] and poller.timeouts[-1] == 1.0
+
+
+@pytest.mark.parametrize("change", ["a message", "a connection"])
+def test_lean_reactor_gathers_only_heartbeats(gathering: Gathering, change: str) -> None:
+    """A message that should not wait (an OFFER: ``activity`` grows) or a connection coming
+    ends gathering at once, so that what follows it (the ANSWER, the handshake's next
+    flight) is served as it comes; gathering starts again only after QUIET s of rest."""
+    from peersig.upstream.twisted import QUIET, REST
+
+    reactor, fake, poller, arrive, stir = gathering
+    arrive(1)
+    fake.waited = REST
+    reactor.doPoll(1.0)
+    assert reactor._gathering
+    fake.waited = 0.0
+    arrive(2)
+    if change == "a message":
+        stir()
+        reactor.doPoll(1.0)
+    else:
+        newcomer, far = socket.socketpair()
+        reactor.addReader(Reader(newcomer))  # type: ignore[arg-type]
+        reactor.doPoll(1.0)
+    assert fake.sleeps == [0.010] and not reactor._gathering
+    changed = fake.now
+    fake.waited = 2 * REST
+    arrive(1)
+    reactor.doPoll(1.0)  # an arrival at rest, but too soon after the change
+    assert not reactor._gathering
+    fake.now = changed + QUIET - 0.5
+    arrive(1)
+    reactor.doPoll(1.0)  # still too soon
+    assert not reactor._gathering
+    fake.now = changed + QUIET  # QUIET s since the change
+    arrive(1)
+    reactor.doPoll(1.0)
+    assert reactor._gathering and fake.sleeps == [0.010] and poller.timeouts[-1] == 1.0
+    assert reactor.stats.gathering == {"round": 1, change.split()[1]: 1}
+    if change == "a connection":
+        reactor.removeReader(reactor._selectables[newcomer.fileno()])
+        newcomer.close()
+        far.close()
+
+
+def test_lean_reactor_goes_on_gathering_when_a_connection_goes(gathering: Gathering) -> None:
+    """A connection that goes expects no answer: gathering goes on."""
+    from peersig.upstream.twisted import REST
+
+    reactor, fake, _poller, arrive, _stir = gathering
+    arrive(1)
+    fake.waited = REST
+    reactor.doPoll(1.0)
+    assert reactor._gathering
+    fake.waited = 0.0
+    reactor.removeReader(next(r for r in reactor.getReaders() if isinstance(r, SlowReader)))
+    arrive(3)
+    reactor.doPoll(1.0)
+    assert fake.sleeps == [0.010] and reactor._gathering
 
 
 def test_lean_reactor_without_coalesce_never_sleeps(monkeypatch: pytest.MonkeyPatch) -> None:

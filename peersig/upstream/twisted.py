@@ -41,20 +41,35 @@ class LeanEPollReactor(EPollReactor):
     # Seconds the arrivals of a server at rest may gather before they are served (doPoll);
     # 0 = none. Set by ``lighten``.
     coalesce = 0.0
+    # Where the reactor reads ``routed``, a count that grows with every message that should
+    # not wait, and counts its gathering in ``gathering`` (a Counter: ``round`` served after
+    # gathering, gathering ended by a ``message`` or a ``connection``): ``Stats``, set by
+    # ``lighten``.
+    stats: Any = None
     _gathering = False
+    # What ``activity`` and the number of descriptors were after the last round, and when
+    # the one last changed or the other grew (time.monotonic()).
+    _routed = 0
+    _descriptors = 0
+    _stirred = 0.0
 
     def doPoll(self, timeout: float | None) -> None:
         """One poll and the handling of its events.
 
-        With ``coalesce``, a server at rest gathers arrivals. A poll that waited at least
-        ``REST`` s, but less than ``coalesce``, for a single event (the heartbeats of
-        independent peers, each waking the server on its own, coming faster than one per
-        ``coalesce``) starts gathering: each later round sleeps ``coalesce`` (never past
-        the next timer) and then serves whatever arrived, in one wakeup. Gathering ends
-        when a whole round brings nothing (the next poll waits again), or finds the server
+        With ``coalesce``, a server at rest gathers arrivals. It is at rest when, for
+        ``QUIET`` s, no message but liveness (heartbeats, pongs) came (``activity`` did not
+        grow) and no connection came (the number of descriptors did not grow; one that goes
+        expects no answer).
+        Then a poll that waited at least ``REST`` s, but less than ``coalesce``, for a single
+        event (the heartbeats of independent peers, each waking the server on its own,
+        coming faster than one per ``coalesce``) starts gathering: each later round sleeps
+        ``coalesce`` (never past the next timer) and then serves whatever arrived, in one
+        wakeup. Gathering ends when a round brings activity or a connection (what follows
+        it, an ANSWER to the OFFER, a handshake's next flight, is served as it comes), when
+        a whole round brings nothing (the next poll waits again), or when the server is
         busy: more than ``coalesce * BUSY`` ready descriptors, or serving them took half a
-        round; a busy server serves each event as it comes. An event waits at most
-        ``coalesce`` plus the serving of one round."""
+        round. An event waits at most ``coalesce`` plus the serving of one round, and only
+        the first message after ``QUIET`` s of rest waits at all."""
         coalesce = self.coalesce
         gathering = self._gathering
         slept = 0.0
@@ -71,8 +86,11 @@ class LeanEPollReactor(EPollReactor):
             raise
         if coalesce:
             ready = len(events)
+            if gathering:
+                self.stats.gathering["round"] += 1
             if not gathering:
-                self._gathering = ready == 1 and REST <= time.monotonic() - started < coalesce
+                self._gathering = (ready == 1 and started - self._stirred >= QUIET
+                                   and REST <= time.monotonic() - started < coalesce)
             elif ready > coalesce * BUSY or (ready == 0 and slept == coalesce):
                 self._gathering = gathering = False
         selectables = self._selectables
@@ -86,12 +104,25 @@ class LeanEPollReactor(EPollReactor):
                     raise
                 except BaseException:
                     log.err(system=_prefix(selectable))
-        if gathering and time.monotonic() - started > coalesce / 2:
-            self._gathering = False
+        if coalesce:
+            routed, descriptors = self.stats.routed, len(selectables)
+            if routed != self._routed or descriptors > self._descriptors:
+                self._stirred = time.monotonic()
+                if gathering:
+                    self.stats.gathering["message" if routed != self._routed
+                                         else "connection"] += 1
+                self._gathering = False
+            elif gathering and time.monotonic() - started > coalesce / 2:
+                self._gathering = False
+            self._routed, self._descriptors = routed, descriptors
 
     doIteration = doPoll
 
 
+# Seconds without a message other than liveness, and without a new connection, after which
+# a server is at rest and may gather (a PeerJS connection's OFFER, ANSWER and trickled
+# candidates come within about a second of each other).
+QUIET = 2.0
 # A poll that waited this long (seconds) for its one event finds the server at rest.
 REST = 0.001
 # Ready descriptors per second above which a gathering round finds the server busy (a
@@ -106,15 +137,19 @@ def _prefix(selectable: Any) -> str:
         return "(buggy logPrefix method)"
 
 
-def lighten(reactor: Any, coalesce: float = 0.0) -> bool:
+def lighten(reactor: Any, coalesce: float = 0.0, stats: Any = None) -> bool:
     """Make a running plain ``EPollReactor`` a ``LeanEPollReactor`` (only its class changes),
-    gathering the arrivals of a server at rest for ``coalesce`` seconds (0 = never). Any
-    other reactor is left alone, as is every reactor with ``lean_reactor`` off. True if the
-    reactor is lean (now or already)."""
+    gathering the arrivals of a server at rest for ``coalesce`` seconds (0 = never, or
+    without ``stats``), at rest meaning that for ``QUIET`` s ``stats.routed`` (a count of
+    messages that should not wait) stayed the same and the number of connections did not
+    grow. Any other reactor is left
+    alone, as is every reactor with ``lean_reactor`` off. True if the reactor is lean (now
+    or already)."""
     if type(reactor) is EPollReactor and on("lean_reactor"):
         reactor.__class__ = LeanEPollReactor
     if isinstance(reactor, LeanEPollReactor):
-        reactor.coalesce = coalesce
+        reactor.coalesce = coalesce if stats is not None else 0.0
+        reactor.stats = stats
         return True
     return False
 
