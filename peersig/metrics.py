@@ -69,7 +69,8 @@ class HubCollector:
                                 value=hub.events.queued() if hub.events is not None else 0)
         yield _labelled("peersig_poll_gathering", "The event loop's gathering of heartbeats "
                         "at rest (--poll-coalesce): rounds served after gathering (round), "
-                        "gatherings ended by a message or a new connection.", "event",
+                        "gatherings ended by a message or a join (message), or by a new "
+                        "connection (connection).", "event",
                         stats.gathering)
         yield CounterMetricFamily("peersig_expiries", "EXPIRE notices sent to senders.",
                                   value=stats.expiries)

@@ -266,6 +266,7 @@ class Hub:
 
     def join(self, transport: PeerTransport, req: JoinRequest) -> Session | None:
         """Register a peer, or reject it with an ERROR frame and a close."""
+        self.stats.activity += 1
         cfg = self.config
         now = self.clock.seconds()
         admitted = self.gate(req, now)
@@ -817,7 +818,7 @@ class Hub:
         stats = self.stats
         mtype = msg.type
         stats.received[mtype] += 1
-        stats.routed += 1
+        stats.activity += 1
         room = sender.room
         dst = msg.dst
         if dst is None:  # an app message to the whole room
@@ -957,6 +958,7 @@ class Hub:
                      frame: bytes) -> None:
         """A frame from ``src`` on node ``origin`` for ``dst``, which Redis says is here: to
         its socket, to its queue while it is away, else EXPIRE back."""
+        self.stats.activity += 1
         room = self.rooms.get(room_name)
         target = room.peers.get(dst) if room is not None else None
         if target is not None:

@@ -37,6 +37,7 @@ class Histogram:
 
 class Stats:
     __slots__ = (
+        "activity",
         "connections",
         "disconnections",
         "drops",
@@ -49,7 +50,6 @@ class Stats:
         "received",
         "relay_seconds",
         "relayed",
-        "routed",
         "sweep_errors",
         "sweep_seconds",
         "takeovers",
@@ -78,9 +78,10 @@ class Stats:
         # and retries
         self.webhooks: Counter[str] = Counter()
         self.expiries = 0
-        # messages routed (every accepted frame but HEARTBEAT): a server at rest counts
-        # none, which is how the reactor tells it (upstream.twisted.LeanEPollReactor)
-        self.routed = 0
+        # what should not wait: frames routed (every accepted frame but HEARTBEAT), joins,
+        # frames from other nodes. A server at rest counts none, which is how the reactor
+        # tells it (upstream.twisted.LeanEPollReactor).
+        self.activity = 0
         # the reactor's gathering at rest: rounds served after gathering, and gatherings
         # ended by a message or a new connection
         self.gathering: Counter[str] = Counter()

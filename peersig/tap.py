@@ -27,6 +27,8 @@ from .turn import valid_ice_url
 DEFAULT_PORT = "tcp:9000"
 # Milliseconds: far inside the seed's 500 ms for a relayed offer (AS2), 200 ms at p95 (SC-002).
 MAX_POLL_COALESCE = 100.0
+# --poll-coalesce unless set: ms (docs/benchmarks-idle.md).
+POLL_COALESCE = 50.0
 ROOM_MODES = ("token", "key", "none")
 
 
@@ -111,7 +113,7 @@ class Options(usage.Options):
         ["demo-peerjs-url", None, None,
          "Where the demo page loads the PeerJS client from [default: a pinned CDN URL, with "
          "its integrity hash]."],
-        ["poll-coalesce", None, 50.0,
+        ["poll-coalesce", None, POLL_COALESCE,
          "Milliseconds a server at rest lets heartbeats gather before it serves them, so "
          "that those of independent peers share a wakeup. At rest: nothing but heartbeats "
          "and pongs, and no new connection, for 2 s. The first message or connection after "
@@ -449,7 +451,9 @@ def makeService(options: Options) -> IService:
     service = make_service(options.built, options["port"], reactor)  # type: ignore[arg-type,unused-ignore]
     coalesce = options.built.poll_coalesce
     if not lighten(reactor, coalesce, service.hub.stats) and coalesce:
-        Logger().warn("--poll-coalesce needs the epoll reactor and its lean loop: ignored")
+        # Set by hand, say that it does nothing; left at its default, this reactor is all.
+        if options["poll-coalesce"] != POLL_COALESCE:
+            Logger().warn("--poll-coalesce needs the epoll reactor and its lean loop: ignored")
     elif coalesce:
         Logger().info("at rest, heartbeats gather for up to {ms:g} ms before they are served "
                       "(--poll-coalesce)", ms=coalesce * 1000)

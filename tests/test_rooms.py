@@ -593,3 +593,21 @@ def test_close_all_sends_going_away() -> None:
     assert a.closed == (1001, "Server shutting down") and b.closed is not None
     assert a.frames == [] and b.types() == ["OPEN"]  # no LEAVE: everyone is going
     assert w.hub.sessions == set()
+
+
+def test_activity_counts_what_should_not_wait_and_not_liveness() -> None:
+    """Stats.activity, which tells the reactor a server at rest (upstream.twisted): joins
+    (even refused ones) and routed messages count; heartbeats and pongs do not."""
+    w = World(room_size=2)
+    a = w.connect("a")
+    b = w.connect("b")
+    assert w.hub.stats.activity == 2
+    w.connect("c")  # the room is full: refused, still a newcomer to answer at once
+    assert w.hub.stats.activity == 3
+    w.send(a, {"type": "HEARTBEAT"})
+    a.session.alive()  # a pong
+    assert w.hub.stats.activity == 3
+    w.send(a, {"type": "OFFER", "dst": "b", "payload": {}})
+    w.hub.remote_relay("room1", "b", "x", "node-1", b'{"type":"CANDIDATE"}')
+    assert w.hub.stats.activity == 5
+    assert b.types()[-2:] == ["OFFER", "CANDIDATE"]

@@ -207,7 +207,7 @@ def gathering(monkeypatch: pytest.MonkeyPatch) -> Iterator[Gathering]:
             far.send(b"x")
 
     def stir() -> None:
-        stats.routed += 1
+        stats.activity += 1
 
     fake.now = -reach.QUIET
     reactor.doPoll(0)  # the descriptors came: a change, then QUIET s of nothing
@@ -284,8 +284,9 @@ def test_lean_reactor_stops_gathering_when_busy(gathering: Gathering, busy: str)
 def test_lean_reactor_gathers_only_heartbeats(gathering: Gathering, change: str) -> None:
     """A message that should not wait (an OFFER: ``activity`` grows) or a connection coming
     ends gathering at once, so that what follows it (the ANSWER, the handshake's next
-    flight) is served as it comes; gathering starts again only after QUIET s of rest."""
-    from peersig.upstream.twisted import QUIET, REST
+    flights) is served as it comes; gathering starts again only after QUIET s of rest, or
+    SETTLE s after a connection."""
+    from peersig.upstream.twisted import QUIET, REST, SETTLE
 
     reactor, fake, poller, arrive, stir = gathering
     arrive(1)
@@ -303,15 +304,16 @@ def test_lean_reactor_gathers_only_heartbeats(gathering: Gathering, change: str)
         reactor.doPoll(1.0)
     assert fake.sleeps == [0.010] and not reactor._gathering
     changed = fake.now
+    hold = QUIET if change == "a message" else SETTLE
     fake.waited = 2 * REST
     arrive(1)
     reactor.doPoll(1.0)  # an arrival at rest, but too soon after the change
     assert not reactor._gathering
-    fake.now = changed + QUIET - 0.5
+    fake.now = changed + hold - 0.25
     arrive(1)
     reactor.doPoll(1.0)  # still too soon
     assert not reactor._gathering
-    fake.now = changed + QUIET  # QUIET s since the change
+    fake.now = changed + hold + REST
     arrive(1)
     reactor.doPoll(1.0)
     assert reactor._gathering and fake.sleeps == [0.010] and poller.timeouts[-1] == 1.0

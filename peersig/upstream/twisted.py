@@ -41,35 +41,36 @@ class LeanEPollReactor(EPollReactor):
     # Seconds the arrivals of a server at rest may gather before they are served (doPoll);
     # 0 = none. Set by ``lighten``.
     coalesce = 0.0
-    # Where the reactor reads ``routed``, a count that grows with every message that should
-    # not wait, and counts its gathering in ``gathering`` (a Counter: ``round`` served after
-    # gathering, gathering ended by a ``message`` or a ``connection``): ``Stats``, set by
-    # ``lighten``.
+    # ``Stats``, set by ``lighten``: the reactor reads ``stats.activity``, a count that grows
+    # with every message or join that should not wait, and counts its gathering in
+    # ``stats.gathering`` (``round``s served after gathering; gatherings ended by a
+    # ``message`` or join, or by a ``connection``).
     stats: Any = None
     _gathering = False
-    # What ``activity`` and the number of descriptors were after the last round, and when
-    # the one last changed or the other grew (time.monotonic()).
-    _routed = 0
+    # What ``stats.activity`` and the number of descriptors were after the last round, and
+    # when the server was last stirred (time.monotonic()): a message or a join stirs it
+    # then, a new connection ``QUIET - SETTLE`` s before then.
+    _activity = 0
     _descriptors = 0
-    _stirred = 0.0
+    _stirred = float("-inf")
 
     def doPoll(self, timeout: float | None) -> None:
         """One poll and the handling of its events.
 
         With ``coalesce``, a server at rest gathers arrivals. It is at rest when, for
-        ``QUIET`` s, no message but liveness (heartbeats, pongs) came (``activity`` did not
-        grow) and no connection came (the number of descriptors did not grow; one that goes
-        expects no answer).
+        ``QUIET`` s, no message but liveness (heartbeats, pongs) came and no peer joined
+        (``stats.activity`` did not grow), and for ``SETTLE`` s no connection came (the
+        number of descriptors did not grow; one that goes expects no answer).
         Then a poll that waited at least ``REST`` s, but less than ``coalesce``, for a single
         event (the heartbeats of independent peers, each waking the server on its own,
         coming faster than one per ``coalesce``) starts gathering: each later round sleeps
         ``coalesce`` (never past the next timer) and then serves whatever arrived, in one
         wakeup. Gathering ends when a round brings activity or a connection (what follows
-        it, an ANSWER to the OFFER, a handshake's next flight, is served as it comes), when
+        it, an ANSWER to the OFFER, a handshake's next flights, is served as it comes), when
         a whole round brings nothing (the next poll waits again), or when the server is
         busy: more than ``coalesce * BUSY`` ready descriptors, or serving them took half a
         round. An event waits at most ``coalesce`` plus the serving of one round, and only
-        the first message after ``QUIET`` s of rest waits at all."""
+        the first message or connection after rest waits at all."""
         coalesce = self.coalesce
         gathering = self._gathering
         slept = 0.0
@@ -86,13 +87,13 @@ class LeanEPollReactor(EPollReactor):
             raise
         if coalesce:
             ready = len(events)
-            if gathering:
-                self.stats.gathering["round"] += 1
             if not gathering:
                 self._gathering = (ready == 1 and started - self._stirred >= QUIET
                                    and REST <= time.monotonic() - started < coalesce)
-            elif ready > coalesce * BUSY or (ready == 0 and slept == coalesce):
-                self._gathering = gathering = False
+            else:
+                self.stats.gathering["round"] += 1
+                if ready > coalesce * BUSY or (ready == 0 and slept == coalesce):
+                    self._gathering = gathering = False
         selectables = self._selectables
         handle = self._doReadOrWrite
         for fd, event in events:
@@ -105,24 +106,31 @@ class LeanEPollReactor(EPollReactor):
                 except BaseException:
                     log.err(system=_prefix(selectable))
         if coalesce:
-            routed, descriptors = self.stats.routed, len(selectables)
-            if routed != self._routed or descriptors > self._descriptors:
-                self._stirred = time.monotonic()
+            activity, descriptors = self.stats.activity, len(selectables)
+            if activity != self._activity or descriptors > self._descriptors:
+                now = time.monotonic()
+                if activity != self._activity:
+                    self._stirred, cause = now, "message"
+                else:
+                    # A health check every second (contrib/haproxy.cfg) leaves time to gather.
+                    self._stirred, cause = max(self._stirred, now - QUIET + SETTLE), "connection"
                 if gathering:
-                    self.stats.gathering["message" if routed != self._routed
-                                         else "connection"] += 1
+                    self.stats.gathering[cause] += 1
                 self._gathering = False
             elif gathering and time.monotonic() - started > coalesce / 2:
                 self._gathering = False
-            self._routed, self._descriptors = routed, descriptors
+            self._activity, self._descriptors = activity, descriptors
 
     doIteration = doPoll
 
 
-# Seconds without a message other than liveness, and without a new connection, after which
-# a server is at rest and may gather (a PeerJS connection's OFFER, ANSWER and trickled
-# candidates come within about a second of each other).
+# Seconds without a message other than liveness or a join, after which a server is at rest
+# and may gather (a PeerJS connection's OFFER, ANSWER and trickled candidates come within
+# about a second of each other).
 QUIET = 2.0
+# Seconds without a new connection, after which the same (a TLS handshake and its upgrade
+# take a few round trips; a health check, one).
+SETTLE = 0.5
 # A poll that waited this long (seconds) for its one event finds the server at rest.
 REST = 0.001
 # Ready descriptors per second above which a gathering round finds the server busy (a
@@ -140,11 +148,10 @@ def _prefix(selectable: Any) -> str:
 def lighten(reactor: Any, coalesce: float = 0.0, stats: Any = None) -> bool:
     """Make a running plain ``EPollReactor`` a ``LeanEPollReactor`` (only its class changes),
     gathering the arrivals of a server at rest for ``coalesce`` seconds (0 = never, or
-    without ``stats``), at rest meaning that for ``QUIET`` s ``stats.routed`` (a count of
-    messages that should not wait) stayed the same and the number of connections did not
-    grow. Any other reactor is left
-    alone, as is every reactor with ``lean_reactor`` off. True if the reactor is lean (now
-    or already)."""
+    without ``stats``), at rest meaning that for ``QUIET`` s ``stats.activity`` (a count of
+    messages and joins that should not wait) stayed the same, and for ``SETTLE`` s the
+    number of connections did not grow. Any other reactor is left alone, as is every reactor
+    with ``lean_reactor`` off. True if the reactor is lean (now or already)."""
     if type(reactor) is EPollReactor and on("lean_reactor"):
         reactor.__class__ = LeanEPollReactor
     if isinstance(reactor, LeanEPollReactor):
