@@ -340,8 +340,10 @@ def render(res: dict, raw_path: Path | None = None,
                    for k, r in per.items() if k == "peersig" and r.get("peersig_git")})
     if len(revs) > 1:
         inferred = any("(HEAD when" in r for r in revs)
-        w("peersig changed while this suite ran (others were committing); the peersig "
-          "revision of each scenario: " + ", ".join(
+        merged = len(res.get("commands", [])) > 1
+        w(("The runs merged here measured different peersig revisions"
+           if merged else "peersig changed while this suite ran (others were committing)")
+          + "; the peersig revision of each scenario: " + ", ".join(
               f"{sc} {per['peersig']['peersig_git'].split(' (HEAD when')[0]}"
               + ("*" if "(HEAD when" in per["peersig"]["peersig_git"] else "")
               for sc, per in runs.items() if per.get("peersig", {}).get("peersig_git"))
