@@ -909,7 +909,9 @@ class Link(Service):
         hub = self.hub
         if kind == "probe":
             self.probe_seen = self.clock.seconds()
-        elif kind == "relay":
+            return
+        hub.stats.activity += 1  # news from other nodes, like a message, should not wait
+        if kind == "relay":
             _, room, dst, src, origin, frame = message
             hub.remote_relay(room, dst, src, origin, frame)
         elif kind == "expire":

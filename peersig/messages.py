@@ -125,7 +125,7 @@ class _TypeOnly(msgspec.Struct):
 
 _frame_decoder = msgspec.json.Decoder(_Frame)
 # The frame the stock client sends every 5 s (PEERJS-PROTOCOL.md), byte for byte.
-HEARTBEAT_FRAME: Final = b'{"type":"HEARTBEAT"}'
+_HEARTBEAT_FRAME: Final = b'{"type":"HEARTBEAT"}'
 _HEARTBEAT: Final = Inbound(HEARTBEAT, None, None)
 _type_decoder = msgspec.json.Decoder(_TypeOnly)
 
@@ -137,7 +137,7 @@ def parse_frame(data: bytes, app_types: frozenset[str] = frozenset()) -> Inbound
     be absent (a message to the whole room). Invalid UTF-8 fails here too, so the transport
     need not validate it separately.
     """
-    if data == HEARTBEAT_FRAME:  # most frames at rest: the decoder's 0.67 us, skipped
+    if data == _HEARTBEAT_FRAME:  # most frames at rest: the decoder's 0.67 us, skipped
         return _HEARTBEAT
     # msgspec checks the UTF-8 of the strings it decodes, not of a payload it skips.
     if not data.isascii():

@@ -958,7 +958,6 @@ class Hub:
                      frame: bytes) -> None:
         """A frame from ``src`` on node ``origin`` for ``dst``, which Redis says is here: to
         its socket, to its queue while it is away, else EXPIRE back."""
-        self.stats.activity += 1
         room = self.rooms.get(room_name)
         target = room.peers.get(dst) if room is not None else None
         if target is not None:

@@ -174,6 +174,7 @@ class KeepAliveEndpoint:
 def make_site(hub: Hub, factory: PeerFactory) -> QuietSite:
     site = QuietSite(Root(hub, factory))
     site.websocket = factory
+    site.stats = hub.stats
     site.upgrade_prefix = b"GET " + hub.config.path.encode() + b"peerjs?"
     # A client that opens TCP and sends nothing, or half a request, is cut this soon.
     site.timeOut = hub.config.handshake_timeout

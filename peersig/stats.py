@@ -37,6 +37,7 @@ class Histogram:
 
 class Stats:
     __slots__ = (
+        "accepted",
         "activity",
         "connections",
         "disconnections",
@@ -78,10 +79,11 @@ class Stats:
         # and retries
         self.webhooks: Counter[str] = Counter()
         self.expiries = 0
-        # what should not wait: frames routed (every accepted frame but HEARTBEAT), joins,
-        # frames from other nodes. A server at rest counts none, which is how the reactor
-        # tells it (upstream.twisted.LeanEPollReactor).
+        # What should not wait: frames routed (every accepted frame but HEARTBEAT), joins,
+        # messages from other nodes; and connections accepted. A server at rest counts
+        # neither, which is how the reactor tells it (upstream.twisted.LeanEPollReactor).
         self.activity = 0
+        self.accepted = 0
         # the reactor's gathering at rest: rounds served after gathering, and gatherings
         # ended by a message or a new connection
         self.gathering: Counter[str] = Counter()

@@ -115,9 +115,9 @@ class Options(usage.Options):
          "its integrity hash]."],
         ["poll-coalesce", None, POLL_COALESCE,
          "Milliseconds a server at rest lets heartbeats gather before it serves them, so "
-         "that those of independent peers share a wakeup. At rest: nothing but heartbeats "
-         "and pongs, and no new connection, for 2 s. The first message or connection after "
-         "that waits this long at most, and ends the gathering; 0 = off.",
+         "that those of independent peers share a wakeup. At rest: 2 s after the last "
+         "message or join, 0.5 s after the last new connection. The first message or "
+         "connection after that waits this long at most, and ends the gathering; 0 = off.",
          _non_negative_float],
         ["reconnect-grace", None, 10.0,
          "Seconds a peer whose socket closed without leaving for good (peer.disconnect(), a "

@@ -24,6 +24,7 @@ from . import __version__, demo, handshake
 from .messages import E_INTERNAL, E_RATE_LIMIT
 from .metrics import CONTENT_TYPE, make_registry, render, summary
 from .rooms import Hub, JoinRequest, Pending, Refusal
+from .stats import Stats
 from .turn import AddressRate, ice_configuration
 from .upstream.twisted import take_transport
 from .websocket import PeerFactory, PeerProtocol, client_address
@@ -386,6 +387,13 @@ class QuietSite(Site):
     # Set by make_site: PeerJS upgrades go to this factory (see GuardedChannel and Root).
     websocket: PeerFactory | None = None
     upgrade_prefix = b"GET /peerjs?"
+    # Set by make_site: where connections accepted are counted (Stats.accepted).
+    stats: Stats | None = None
+
+    def buildProtocol(self, addr: Any) -> Any:
+        if self.stats is not None:
+            self.stats.accepted += 1
+        return super().buildProtocol(addr)
 
     def log(self, request: Any) -> None:
         pass

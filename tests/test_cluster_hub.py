@@ -540,3 +540,15 @@ def test_a_newcomer_whose_setup_fails_before_it_is_announced_gives_its_row_back(
     assert release[1].startswith("here|")  # the claim's row goes back
     assert msgspec.msgpack.decode(release[3] + msgspec.msgpack.encode(9))[4:] == \
         [False, True, None, 3, 9]  # never announced: PART to whoever listed it
+
+
+def test_news_from_other_nodes_counts_as_activity_and_the_bus_probe_does_not() -> None:
+    """Stats.activity tells the reactor a server at rest (upstream.twisted): what other
+    nodes say should not wait, the subscriber's own probe is not news."""
+    world, link, _redis = linked()
+    before = world.hub.stats.activity
+    link.received(b"ps:in:here", msgspec.msgpack.encode(["probe"]))
+    assert world.hub.stats.activity == before
+    bus(link, "broadcast", "room1", "there", b'{"type":"X"}')
+    bus(link, "close", "room1", "there", "over")
+    assert world.hub.stats.activity == before + 2

@@ -308,9 +308,15 @@ def test_an_allowlist_opens_exactly_its_origins(tmp_path: Path) -> None:
 def test_a_server_gathering_heartbeats_at_rest_relays_every_message_in_order(
         tmp_path: Path) -> None:
     """--poll-coalesce, on by default: after QUIET s of nothing but heartbeats (the server
-    at rest, each heartbeat a wakeup of its own) it gathers them; the first message ends the
-    gathering, and messages sent one by one and then in a burst all arrive, in order."""
-    from peersig.upstream.twisted import QUIET
+    at rest, each heartbeat a wakeup of its own) it gathers them. A new connection ends the
+    gathering, and so does the first message; messages sent one by one and then in a burst
+    all arrive, in order."""
+    from peersig.upstream.twisted import QUIET, SETTLE
+
+    def heartbeats(seconds: float) -> None:
+        for _ in range(int(seconds / 0.01)):
+            a.send('{"type":"HEARTBEAT"}')
+            time.sleep(0.01)
 
     proc = ServerProcess(tmp_path)
     proc.start()
@@ -319,16 +325,18 @@ def test_a_server_gathering_heartbeats_at_rest_relays_every_message_in_order(
         with connect(proc.ws_url("alice")) as a, connect(proc.ws_url("bob")) as b:
             assert a.recv(timeout=5) == '{"type":"OPEN"}'
             assert b.recv(timeout=5) == '{"type":"OPEN"}'
-            for _ in range(int((QUIET + 0.5) / 0.01)):
-                a.send('{"type":"HEARTBEAT"}')
-                time.sleep(0.01)
+            heartbeats(QUIET + 0.5)
+            # This request's own connection ended the gathering.
+            assert proc.metric("peersig_poll_gathering_total", event="connection") >= 1
+            assert proc.metric("peersig_poll_gathering_total", event="round") > 0
+            assert proc.metric("peersig_poll_gathering_total", event="message") == 0
+            heartbeats(SETTLE + 0.5)  # at rest again
             for n in range(12):
                 if n < 6:
                     time.sleep(0.03)
                 a.send(json.dumps({"type": "CANDIDATE", "dst": "bob", "payload": {"n": n}}))
             for n in range(12):
                 assert recv_json(b)["payload"] == {"n": n}
-            assert proc.metric("peersig_poll_gathering_total", event="round") > 0
             assert proc.metric("peersig_poll_gathering_total", event="message") >= 1
     finally:
         proc.stop()

@@ -41,36 +41,31 @@ class LeanEPollReactor(EPollReactor):
     # Seconds the arrivals of a server at rest may gather before they are served (doPoll);
     # 0 = none. Set by ``lighten``.
     coalesce = 0.0
-    # ``Stats``, set by ``lighten``: the reactor reads ``stats.activity``, a count that grows
-    # with every message or join that should not wait, and counts its gathering in
-    # ``stats.gathering`` (``round``s served after gathering; gatherings ended by a
-    # ``message`` or join, or by a ``connection``).
+    # ``Stats``, set by ``lighten``: the reactor reads two counts, ``activity`` (messages and
+    # joins that should not wait) and ``accepted`` (connections), and counts its gathering
+    # in ``gathering``.
     stats: Any = None
     _gathering = False
-    # What ``stats.activity`` and the number of descriptors were after the last round, and
-    # when the server was last stirred (time.monotonic()): a message or a join stirs it
-    # then, a new connection ``QUIET - SETTLE`` s before then.
+    # The counts after the last round, and when each last grew (time.monotonic()).
     _activity = 0
-    _descriptors = 0
-    _stirred = float("-inf")
+    _accepted = 0
+    _moved = float("-inf")
+    _connected = float("-inf")
 
     def doPoll(self, timeout: float | None) -> None:
         """One poll and the handling of its events.
 
-        With ``coalesce``, a server at rest gathers arrivals. It is at rest when, for
-        ``QUIET`` s, no message but liveness (heartbeats, pongs) came and no peer joined
-        (``stats.activity`` did not grow), and for ``SETTLE`` s no connection came (the
-        number of descriptors did not grow; one that goes expects no answer).
-        Then a poll that waited at least ``REST`` s, but less than ``coalesce``, for a single
-        event (the heartbeats of independent peers, each waking the server on its own,
-        coming faster than one per ``coalesce``) starts gathering: each later round sleeps
-        ``coalesce`` (never past the next timer) and then serves whatever arrived, in one
-        wakeup. Gathering ends when a round brings activity or a connection (what follows
-        it, an ANSWER to the OFFER, a handshake's next flights, is served as it comes), when
-        a whole round brings nothing (the next poll waits again), or when the server is
-        busy: more than ``coalesce * BUSY`` ready descriptors, or serving them took half a
-        round. An event waits at most ``coalesce`` plus the serving of one round, and only
-        the first message or connection after rest waits at all."""
+        With ``coalesce``, a server at rest gathers arrivals (docs/operations.md, "CPU at
+        rest"). It is at rest ``QUIET`` s after the last message or join (``activity``) and
+        ``SETTLE`` s after the last new connection (``accepted``). Then a poll that waited at
+        least ``REST`` s, but less than ``coalesce``, for a single event (the heartbeats of
+        independent peers, each waking the server on its own) starts gathering: each later
+        round sleeps ``coalesce`` (never past the next timer) and then serves whatever
+        arrived, in one wakeup. Gathering ends with a round that brings a message, a join
+        or a connection (what follows it is served as it comes), a full round that brings
+        nothing, or a busy round: more than ``coalesce * BUSY`` ready descriptors, or half a
+        round spent serving them. An event waits at most ``coalesce`` plus the serving of
+        one round."""
         coalesce = self.coalesce
         gathering = self._gathering
         slept = 0.0
@@ -85,13 +80,16 @@ class LeanEPollReactor(EPollReactor):
             if err.errno == errno.EINTR:
                 return
             raise
+        stats = self.stats
         if coalesce:
             ready = len(events)
             if not gathering:
-                self._gathering = (ready == 1 and started - self._stirred >= QUIET
+                self._gathering = (ready == 1 and started - self._moved >= QUIET
+                                   and started - self._connected >= SETTLE
                                    and REST <= time.monotonic() - started < coalesce)
             else:
-                self.stats.gathering["round"] += 1
+                if slept:
+                    stats.gathering["round"] += 1
                 if ready > coalesce * BUSY or (ready == 0 and slept == coalesce):
                     self._gathering = gathering = False
         selectables = self._selectables
@@ -106,30 +104,29 @@ class LeanEPollReactor(EPollReactor):
                 except BaseException:
                     log.err(system=_prefix(selectable))
         if coalesce:
-            activity, descriptors = self.stats.activity, len(selectables)
-            if activity != self._activity or descriptors > self._descriptors:
-                now = time.monotonic()
-                if activity != self._activity:
-                    self._stirred, cause = now, "message"
-                else:
-                    # A health check every second (contrib/haproxy.cfg) leaves time to gather.
-                    self._stirred, cause = max(self._stirred, now - QUIET + SETTLE), "connection"
+            now = time.monotonic()
+            moved = stats.activity != self._activity
+            connected = stats.accepted != self._accepted
+            if moved or connected:
+                if moved:
+                    self._activity, self._moved = stats.activity, now
+                if connected:
+                    self._accepted, self._connected = stats.accepted, now
                 if gathering:
-                    self.stats.gathering[cause] += 1
+                    stats.gathering["message" if moved else "connection"] += 1
                 self._gathering = False
-            elif gathering and time.monotonic() - started > coalesce / 2:
+            elif gathering and now - started > coalesce / 2:
                 self._gathering = False
-            self._activity, self._descriptors = activity, descriptors
 
     doIteration = doPoll
 
 
-# Seconds without a message other than liveness or a join, after which a server is at rest
-# and may gather (a PeerJS connection's OFFER, ANSWER and trickled candidates come within
-# about a second of each other).
+# Seconds after a message other than liveness, or a join, before a server is at rest and may
+# gather (a PeerJS connection's OFFER, ANSWER and trickled candidates come within about a
+# second of each other).
 QUIET = 2.0
-# Seconds without a new connection, after which the same (a TLS handshake and its upgrade
-# take a few round trips; a health check, one).
+# Seconds after a new connection, the same (its TLS handshake and upgrade take a few round
+# trips; a load balancer's health check every second still leaves half the time to gather).
 SETTLE = 0.5
 # A poll that waited this long (seconds) for its one event finds the server at rest.
 REST = 0.001
@@ -148,15 +145,15 @@ def _prefix(selectable: Any) -> str:
 def lighten(reactor: Any, coalesce: float = 0.0, stats: Any = None) -> bool:
     """Make a running plain ``EPollReactor`` a ``LeanEPollReactor`` (only its class changes),
     gathering the arrivals of a server at rest for ``coalesce`` seconds (0 = never, or
-    without ``stats``), at rest meaning that for ``QUIET`` s ``stats.activity`` (a count of
-    messages and joins that should not wait) stayed the same, and for ``SETTLE`` s the
-    number of connections did not grow. Any other reactor is left alone, as is every reactor
-    with ``lean_reactor`` off. True if the reactor is lean (now or already)."""
+    without ``stats``, whose counts tell it; see ``doPoll``). Any other reactor is left
+    alone, as is every reactor with ``lean_reactor`` off. True if the reactor is lean (now
+    or already)."""
     if type(reactor) is EPollReactor and on("lean_reactor"):
         reactor.__class__ = LeanEPollReactor
     if isinstance(reactor, LeanEPollReactor):
         reactor.coalesce = coalesce if stats is not None else 0.0
         reactor.stats = stats
+        reactor._gathering = False
         return True
     return False
 
