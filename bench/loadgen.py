@@ -15,7 +15,8 @@ CPU per message as possible, so that the server, not the generator, is what is m
 * heartbeats: by default (``--heartbeats independent``) each peer has its own 5-s timer,
   started at a random phase, as independent browsers have, so each heartbeat wakes the
   server on its own; ``--heartbeats sliced`` sends them from one ticker in 50 slices of
-  100 ms, a slice's peers together.
+  100 ms, a slice's peers together; ``--heartbeats off`` sends none (silent peers, which
+  only answer the server's pings).
 
 The worker is driven by the orchestrator (``bench/run.py``) with one JSON command per line
 on stdin and answers one JSON line per command on stdout; every answer carries the
@@ -903,8 +904,10 @@ def main() -> None:
     ap.add_argument("--sources", default="127.0.0.1",
                     help="comma-separated loopback source addresses to spread sockets over")
     ap.add_argument("--loop", choices=("uvloop", "asyncio"), default="uvloop")
-    ap.add_argument("--heartbeats", choices=("independent", "sliced"), default="independent",
-                    help="a 5-s timer per peer at a random phase, or one ticker in 50 slices")
+    ap.add_argument("--heartbeats", choices=("independent", "sliced", "off"),
+                    default="independent",
+                    help="a 5-s timer per peer at a random phase, one ticker in 50 slices, "
+                         "or none (peers that only answer pings)")
     ap.add_argument("--tls", action="store_true",
                     help="wss: TLS 1.3 without certificate checks (the server's is self-signed)")
     args = ap.parse_args()
@@ -913,6 +916,7 @@ def main() -> None:
     global F
     F = Fleet(args.host, args.port, args.sources.split(","), args.path)
     F.independent = args.heartbeats == "independent"
+    F.heartbeats = args.heartbeats != "off"
     if args.tls:
         import ssl
 

@@ -134,13 +134,16 @@ class Table:
 
 
 def idle_rows(t: Table, runs: dict, scenario: str, target: float) -> None:
-    """Server CPU at rest (schedstat) against the target ratio, the sliced heartbeats' figure
-    beside it when that scenario ran, and RSS."""
+    """Server CPU at rest (schedstat) against the target ratio, the sliced and silent
+    models' figures beside it when those scenarios ran, and RSS."""
     t.row("server CPU, % of one core (schedstat)", scenario, "server_cpu_pct", 2,
           f"≤ {target:.1f}×", "lower", target)
     if f"{scenario}-sliced" in runs:
         t.row("the same with heartbeats sent in 50 slices of 100 ms, % of one core",
               f"{scenario}-sliced", "server_cpu_pct", 2)
+    if f"{scenario}-silent" in runs:
+        t.row("the same with no heartbeats (silent peers: the server's pings and their "
+              "pongs), % of one core", f"{scenario}-silent", "server_cpu_pct", 2)
     t.row("server RSS, MiB", scenario, "rss_kib", 1,
           fmt=lambda v: _num(v / 1024 if v else None, 1))
 

@@ -61,6 +61,9 @@ SOURCES = ",".join(f"127.0.0.{i}" for i in range(2, 10))
 
 SERVERS = ("peersig", "reference")
 SCENARIOS = ("connect", "relay", "latency", "idle", "churn")
+# The idle scenario's heartbeat models (loadgen --heartbeats) and the suffix of each one's
+# results: independent timers (as browsers, the headline), one sliced ticker, none at all.
+IDLE_MODELS = {"independent": "", "sliced": "-sliced", "off": "-silent"}
 
 
 def log(msg: str) -> None:
@@ -1196,6 +1199,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="latency rounds per server, alternating which goes first (default 5)")
     ap.add_argument("--idle-peers", type=int, default=None)
     ap.add_argument("--idle-seconds", type=float, default=None)
+    ap.add_argument("--idle-models", default="independent,sliced",
+                    help="heartbeat models the idle scenario runs, in order: independent "
+                         "(a timer per peer, the headline), sliced (one ticker, 50 slices), "
+                         "off (silent peers: only the server's pings and their pongs)")
     ap.add_argument("--churn-peers", type=int, default=None)
     ap.add_argument("--churn-seconds", type=float, default=None)
     ap.add_argument("--churn-rate", type=float, default=None,
@@ -1289,6 +1296,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for s in a.scenarios:
         if s not in SCENARIOS:
             ap.error(f"unknown scenario {s}")
+    a.idle_models = [m for m in a.idle_models.split(",") if m]
+    for m in a.idle_models:
+        if m not in IDLE_MODELS:
+            ap.error(f"unknown heartbeat model {m}")
     if a.doc is None:
         a.doc = str(RESULTS / "quick.md") if q else str(DOC)
     a.argv = argv if argv is not None else sys.argv[1:]
@@ -1340,7 +1351,8 @@ async def amain(args: argparse.Namespace) -> dict:
                 elif sc == "idle":
                     # Independent heartbeats (a timer per peer, as browsers), the headline;
                     # then the older sliced model (one ticker, 50 slices of 100 ms) beside it.
-                    for model, suffix in (("independent", ""), ("sliced", "-sliced")):
+                    for model in args.idle_models:
+                        suffix = IDLE_MODELS[model]
                         margs = argparse.Namespace(**{**vars(targs), "heartbeats": model})
                         for kind in args.servers:
                             plan.append((prefix + sc + suffix, kind,
@@ -1495,7 +1507,7 @@ def _summary(name: str, r: dict) -> str:
         return (f"{r['msgs_per_s']:.0f} msg/s, rtt p50 {r['rtt_ms_p50']:.2f} p99 "
                 f"{r['rtt_ms_p99']:.2f} max {r['rtt_ms_max']:.2f} ms, server "
                 f"{r['server_cpu_pct']:.0f}%")
-    if name in ("idle", "idle-sliced"):
+    if name.startswith("idle"):
         return (f"{r['peers']} peers, {r['server_cpu_pct']:.2f}% CPU "
                 f"({r['heartbeats_per_s']:.0f} heartbeats/s, {r['heartbeat_model']}), "
                 f"{r['rss_kib'] / 1024:.1f} MiB, drops {r['drops']}, silent peer dropped "
