@@ -3,6 +3,7 @@ activation, systemd units, draining on SIGTERM, JSON logs (SPEC §6, §7)."""
 
 from __future__ import annotations
 
+import configparser
 import contextlib
 import json
 import shutil
@@ -173,6 +174,22 @@ def test_systemd_units_verify(tmp_path: Path) -> None:
                              str(tmp_path / "peersig.socket")], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert "EnvironmentFile=-/etc/peersig/peersig.env" in (tmp_path / "peersig.service").read_text()
+
+
+def test_the_distribution_holds_every_package_and_file() -> None:
+    """README's install command is a plain (not editable) install: a package that
+    setup.cfg does not list is missing from it, and ``twistd peersig`` fails to import
+    (as it did without peersig.upstream), while the suite's editable installs still pass."""
+    cfg = configparser.ConfigParser()
+    cfg.read(REPO / "setup.cfg")
+    listed = set(cfg["options"]["packages"].split())
+    on_disk = {".".join(init.parent.relative_to(REPO).parts)
+               for init in (REPO / "peersig").rglob("__init__.py")}
+    assert on_disk <= listed, f"not in setup.cfg's packages: {sorted(on_disk - listed)}"
+    assert "twisted.plugins" in listed
+    for package, files in cfg["options.package_data"].items():
+        for name in files.split():
+            assert (REPO.joinpath(*package.split(".")) / name).is_file(), (package, name)
 
 
 def test_sigterm_drains_fifty_peers(tmp_path: Path) -> None:
