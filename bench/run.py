@@ -1278,7 +1278,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a.silent_wait = 5.5 if q else 65
     full = (not q and not a.profile_only and not a.compare_only
             and a.servers == ",".join(SERVERS) and a.scenarios == ",".join(SCENARIOS)
-            and a.transports == "ws,wss")
+            and a.transports == "ws,wss" and a.idle_models == "independent,sliced")
     if a.profile is None:
         a.profile = full
     if a.compare_generators is None:
@@ -1300,6 +1300,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for m in a.idle_models:
         if m not in IDLE_MODELS:
             ap.error(f"unknown heartbeat model {m}")
+    if not a.idle_models or len(set(a.idle_models)) < len(a.idle_models):
+        ap.error("--idle-models takes one or more different models")
     if a.doc is None:
         a.doc = str(RESULTS / "quick.md") if q else str(DOC)
     a.argv = argv if argv is not None else sys.argv[1:]

@@ -176,10 +176,12 @@ def test_systemd_units_verify(tmp_path: Path) -> None:
     assert "EnvironmentFile=-/etc/peersig/peersig.env" in (tmp_path / "peersig.service").read_text()
 
 
-def test_the_distribution_holds_every_package_and_file() -> None:
+def test_setup_cfg_lists_every_package() -> None:
     """README's install command is a plain (not editable) install: a package that
     setup.cfg does not list is missing from it, and ``twistd peersig`` fails to import
-    (as it did without peersig.upstream), while the suite's editable installs still pass."""
+    (as it did without peersig.upstream), while the suite's editable installs still pass.
+    Every folder of peersig/ with an ``__init__.py`` must be listed, and every file
+    ``package_data`` names must exist."""
     cfg = configparser.ConfigParser()
     cfg.read(REPO / "setup.cfg")
     listed = set(cfg["options"]["packages"].split())
