@@ -1351,8 +1351,7 @@ async def amain(args: argparse.Namespace) -> dict:
                             plan.append((f"{prefix}latency#{i + 1}", kind,
                                          (scenario_latency, kind, targs)))
                 elif sc == "idle":
-                    # Independent heartbeats (a timer per peer, as browsers), the headline;
-                    # then the older sliced model (one ticker, 50 slices of 100 ms) beside it.
+                    # Each model of --idle-models (IDLE_MODELS), in the order given.
                     for model in args.idle_models:
                         suffix = IDLE_MODELS[model]
                         margs = argparse.Namespace(**{**vars(targs), "heartbeats": model})
