@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import random
+import select
 import socket
 import time
 from collections.abc import Callable, Iterator
@@ -26,6 +27,7 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.epollreactor import EPollReactor
 from twisted.internet.error import CannotListenError, ConnectionDone
+from twisted.internet.main import CONNECTION_DONE
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactor, StringTransport
@@ -368,6 +370,23 @@ def test_lean_reactor(monkeypatch: pytest.MonkeyPatch) -> None:
         ((logger, func, selectable, fd, event),) = calls
         assert logger is reader and selectable is reader and fd == a.fileno()
         assert func == reactor._doReadOrWrite and event & reactor._POLL_IN
+        # What the lean loop does itself for an event that is a read alone: doRead, then
+        # _disconnectSelectable on a reason it returns, or on an exception, logged.
+        dropped: list[tuple[object, ...]] = []
+        monkeypatch.setattr(reactor, "_disconnectSelectable",
+                            lambda *args: dropped.append(args))
+        monkeypatch.setattr(reader, "doRead", lambda: CONNECTION_DONE)
+        reactor._doReadOrWrite(reader, a.fileno(), select.EPOLLIN)
+        assert dropped == [(reader, CONNECTION_DONE, True)]
+        failure = RuntimeError("boom")
+
+        def boom() -> None:
+            raise failure
+
+        monkeypatch.setattr(reader, "doRead", boom)
+        monkeypatch.setattr(epollreactor.log, "err", lambda *args, **kw: None)
+        reactor._doReadOrWrite(reader, a.fileno(), select.EPOLLIN)
+        assert dropped[1] == (reader, failure, False)
     finally:
         reactor.removeAll()
         reactor._poller.close()
