@@ -220,7 +220,9 @@ class TLSServer(tcp.Server):
         if self._handshaking:
             return 0
         try:
-            return self._tls.write(memoryview(data)[:self.SEND_LIMIT])
+            if len(data) > self.SEND_LIMIT:
+                data = memoryview(data)[:self.SEND_LIMIT]
+            return self._tls.write(data)
         except ssl.SSLWantWriteError:
             return 0
         except ssl.SSLWantReadError:  # the next read lets the write go on
