@@ -12,6 +12,7 @@ import uuid
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
+import msgspec
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
@@ -841,7 +842,7 @@ class Hub:
         self._offline(sender, room, dst, mtype, None, msg.payload)
 
     def _offline(self, sender: Session, room: Room, dst: str, mtype: str,
-                 frame: bytes | None, payload: Any = None) -> None:
+                 frame: bytes | None, payload: msgspec.Raw | bytes = b"") -> None:
         """A message for ``dst``, connected nowhere: queued for it (EXPIRE if it does not
         come), or for what is never queued, dropped (EXPIRE for app messages)."""
         stats = self.stats

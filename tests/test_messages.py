@@ -72,7 +72,7 @@ def test_payload_is_passed_on_as_written() -> None:
     # Found by fuzzing when payloads were re-encoded: 1e400 went out as Infinity.
     raw = b'{"n":1e400, "s":"\\u00e9\xc3\xa9", "a":[ 1 ,2]}'
     msg = parse_frame(b'{"type":"OFFER","dst":"b","payload":' + raw + b"}")
-    assert msg.payload == raw
+    assert bytes(msg.payload) == raw
 
 
 def test_heartbeat() -> None:
@@ -129,7 +129,7 @@ CUT_EMOJI = (b'{"type":"OFFER","dst":"callee","payload":{"type":"data","connecti
 def test_lone_surrogates_in_a_payload_are_relayed_as_written(payload: bytes) -> None:
     frame = b'{"type":"OFFER","dst":"bob","payload":' + payload + b',"src":"x\\udfff"}'
     msg = parse_frame(frame)
-    assert (msg.type, msg.dst, msg.payload) == ("OFFER", "bob", payload.strip())
+    assert (msg.type, msg.dst, bytes(msg.payload)) == ("OFFER", "bob", payload.strip())
 
 
 def test_the_cut_emoji_offer_is_relayed_byte_for_byte() -> None:
@@ -151,4 +151,4 @@ def test_the_fallback_reads_a_bounded_number_of_members() -> None:
 
 def test_a_lone_surrogate_in_dst_is_a_destination_like_any_other() -> None:
     msg = parse_frame(b'{"type":"OFFER","dst":"b\\ud800","payload":"\\ud800"}')
-    assert (msg.dst, msg.payload) == ("b\ud800", b'"\\ud800"')
+    assert (msg.dst, bytes(msg.payload)) == ("b\ud800", b'"\\ud800"')
