@@ -102,7 +102,7 @@ _encode = json.JSONEncoder(separators=(",", ":")).encode
 _ABSENT: Final = msgspec.Raw(b"")
 
 
-class Inbound(msgspec.Struct):
+class Inbound(msgspec.Struct, frozen=True):
     """A client frame, as ``parse_frame`` decodes it and the core reads it: other fields are
     ignored. ``type`` is a client type (``CLIENT_TYPES``, or an app message type), ``dst``
     the destination's id, or None for an app message to the whole room, and ``payload`` the
@@ -111,13 +111,20 @@ class Inbound(msgspec.Struct):
 
     The object msgspec decodes is the one the core gets: neither it nor its payload is
     copied on the per-message path (``parse_frame`` of a 1.2 KB OFFER, 1.32 -> 0.76 us,
-    docs/benchmarks-idle.md). msgspec checks the fields in document order: a bad ``dst``
-    met before ``type`` is judged with the type read alone (``parse_frame``), so that a bad
-    type is still named first.
+    docs/benchmarks-idle.md). A frame its typed fields refuse is judged again with loose
+    ones (``_parse_loose``): only refused and unusual frames pay a second decoding.
     """
 
     type: str = ""  # absent: refused as bad_type, as null is
     dst: str | None = None
+    payload: msgspec.Raw = _ABSENT
+
+
+class _Loose(msgspec.Struct):
+    """A client frame's fields as any JSON values (``_parse_loose``)."""
+
+    type: object = None
+    dst: object = None
     payload: msgspec.Raw = _ABSENT
 
 
@@ -130,6 +137,7 @@ _frame_decoder = msgspec.json.Decoder(Inbound)
 _HEARTBEAT_FRAME: Final = b'{"type":"HEARTBEAT"}'
 _HEARTBEAT: Final = Inbound(HEARTBEAT)
 _type_decoder = msgspec.json.Decoder(_TypeOnly)
+_loose_decoder = msgspec.json.Decoder(_Loose)
 
 
 def parse_frame(data: bytes, app_types: frozenset[str] = frozenset()) -> Inbound:
@@ -149,18 +157,26 @@ def parse_frame(data: bytes, app_types: frozenset[str] = frozenset()) -> Inbound
             raise BadFrame("bad_json") from None
     try:
         frame = _frame_decoder.decode(data)
+    except (msgspec.MsgspecError, RecursionError):
+        return _parse_loose(data, app_types)
+    return _HEARTBEAT if _is_heartbeat(frame.type, frame.dst, app_types) else frame
+
+
+def _parse_loose(data: bytes, app_types: frozenset[str]) -> Inbound:
+    """``parse_frame`` for a frame that ``Inbound``'s typed fields refused, or that is not
+    JSON: decoded again with every field loose, so that its reason does not depend on which
+    bad field msgspec met first. bad_type comes before no_dst, and of a repeated key the
+    last wins (as in JSON.parse)."""
+    try:
+        frame = _loose_decoder.decode(data)
     except msgspec.ValidationError as e:
         # Not an object, or a number beyond a double somewhere in type or dst.
         where = str(e)
         if "`$.dst" in where:  # the type, read alone, says which reason comes first
             try:
                 kind = _type_decoder.decode(data).type
-            except msgspec.DecodeError:  # past dst: not JSON, or a surrogate escape
-                if _SURROGATE_ESCAPE.search(data) is None:
-                    raise BadFrame("bad_json") from None
-                return _parse_lenient(data, app_types)
-            except RecursionError:
-                raise BadFrame("bad_json") from None
+            except (msgspec.MsgspecError, RecursionError):
+                raise BadFrame("bad_json") from None  # it failed before reaching the end
             if kind == HEARTBEAT:
                 return _HEARTBEAT
             known = type(kind) is str and (kind in CLIENT_TYPES or kind in app_types)
@@ -172,7 +188,9 @@ def parse_frame(data: bytes, app_types: frozenset[str] = frozenset()) -> Inbound
         return _parse_lenient(data, app_types)
     except RecursionError:
         raise BadFrame("bad_json") from None
-    return _HEARTBEAT if _is_heartbeat(frame.type, frame.dst, app_types) else frame
+    if _is_heartbeat(frame.type, frame.dst, app_types):
+        return _HEARTBEAT
+    return Inbound(cast(str, frame.type), cast("str | None", frame.dst), frame.payload)
 
 
 def _is_heartbeat(mtype: object, dst: object, app_types: frozenset[str]) -> bool:

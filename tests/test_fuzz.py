@@ -480,7 +480,7 @@ def test_server_frames_are_strict_json(unreachable: str, to: str, src: str) -> N
     assert same(decode_frame(m.expire_frame(unreachable, to)),
                 {"type": "EXPIRE", "src": unreachable, "dst": to})
     assert same(decode_frame(m.leave_frame(src)), {"type": "LEAVE", "src": src})
-    assert same(decode_frame(relay_frame("LEAVE", src, to, None)),
+    assert same(decode_frame(relay_frame("LEAVE", src, to, b"")),
                 {"type": "LEAVE", "src": src, "dst": to})
 
 
@@ -542,7 +542,7 @@ def test_bug_refusal_without_a_queue_expires_once_per_pair(cap: str) -> None:
     if cap == "room":
         w = World(room_queue_limit=1, rate_limit=0)
     else:
-        w = World(total_queue_bytes=len(relay_frame("OFFER", "alice", "ghost", None)),
+        w = World(total_queue_bytes=len(relay_frame("OFFER", "alice", "ghost", b"")),
                   rate_limit=0)
     a = w.connect("alice")
     a.take()

@@ -152,3 +152,27 @@ def test_the_fallback_reads_a_bounded_number_of_members() -> None:
 def test_a_lone_surrogate_in_dst_is_a_destination_like_any_other() -> None:
     msg = parse_frame(b'{"type":"OFFER","dst":"b\\ud800","payload":"\\ud800"}')
     assert (msg.dst, bytes(msg.payload)) == ("b\ud800", b'"\\ud800"')
+
+
+@pytest.mark.parametrize(("data", "expected"), [
+    (b'{"type":5,', "bad_json"),
+    (b'{"type":null}x', "bad_json"),
+    (b'{"type":{}, "dst":"b"', "bad_json"),
+    (b'{"type":5,"x":NaN}', "bad_json"),
+    (b'{"type":' + b"[" * 5000 + b"]" * 5000 + b"}", "bad_json"),
+    (b'{"dst":5,"type":1e400}', "bad_type"),
+    (b'{"type":5,"type":"OFFER","dst":"b"}', "OFFER"),
+    (b'{"dst":5,"dst":"b","type":"OFFER"}', "OFFER"),
+    (b'{"type":5,"type":"HEARTBEAT"}', "HEARTBEAT"),
+    (b'{"dst":5,"dst":"b","type":"OFFER","p":"\\ud800"}', "OFFER"),
+])
+def test_a_reason_does_not_depend_on_which_bad_field_comes_first(data: bytes,
+                                                                 expected: str) -> None:
+    # Found in review of the typed Inbound: a type that is not a string, met first, must
+    # not make invalid JSON bad_type, nor a repeated key refuse what JSON.parse reads (the
+    # last of a repeated key wins).
+    try:
+        got = parse_frame(data).type
+    except BadFrame as e:
+        got = e.reason
+    assert got == expected

@@ -112,6 +112,45 @@ def test_lean_reactor_dispatches_and_drops_a_failing_reader(fail: bool) -> None:
         b.close()
 
 
+@pytest.mark.parametrize("outcome", ["reason", "exception"])
+def test_lean_reactor_drops_a_reader_as_twisted_does(monkeypatch: pytest.MonkeyPatch,
+                                                     outcome: str) -> None:
+    # The lean loop's own path for a read: as Twisted's _doReadOrWrite (test_lean_reactor).
+    reactor = EPollReactor()
+    lighten(reactor)
+    a, b = socket.socketpair()
+    reader = Reader(a)
+    dropped: list[tuple[object, ...]] = []
+    monkeypatch.setattr(reactor, "_disconnectSelectable", lambda *args: dropped.append(args))
+    failure = RuntimeError("boom")
+
+    def do_read() -> object:
+        if outcome == "exception":
+            raise failure
+        return CONNECTION_DONE
+
+    monkeypatch.setattr(reader, "doRead", do_read)
+    errors: list[dict[str, object]] = []
+    observer = errors.append
+    globalLogPublisher.addObserver(observer)
+    try:
+        reactor.addReader(reader)  # type: ignore[arg-type]
+        b.send(b"x")
+        reactor.doIteration(1.0)
+        if outcome == "exception":
+            assert dropped == [(reader, failure, False)]
+            assert any(e.get("isError") for e in errors)
+        else:
+            assert dropped == [(reader, CONNECTION_DONE, True)]
+            assert not any(e.get("isError") for e in errors)
+    finally:
+        globalLogPublisher.removeObserver(observer)
+        reactor.removeAll()
+        reactor._poller.close()
+        a.close()
+        b.close()
+
+
 def test_lean_reactor_logs_an_error_from_connection_lost_and_serves_the_others() -> None:
     class BadLoser(Reader):
         def connectionLost(self, reason: object) -> None:

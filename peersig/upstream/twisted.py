@@ -35,9 +35,9 @@ class LeanEPollReactor(EPollReactor):
     gathers the arrivals of a server at rest (``doPoll``).
 
     An event that is a read alone (``EPOLLIN``, nearly every one) it serves itself, as
-    ``_doReadOrWrite`` would, without that call and its checks (its ``fileno() == -1`` test
-    included: a closed socket's read fails and drops it all the same): 0.24 -> 0.07 us an
-    event (relay over wss, docs/benchmarks-idle.md).
+    ``_doReadOrWrite`` would, without that call and its checks: 0.24 -> 0.07 us an event
+    (relay over wss, docs/benchmarks-idle.md). Its test of ``fileno() == -1`` is among them:
+    every selectable leaves ``_selectables`` before its socket is closed.
 
     Assumes ``EPollReactor.doPoll`` is: ``self._poller.poll(timeout, len(self._selectables))``,
     then for each (fd, event) ``self._doReadOrWrite(self._selectables[fd], fd, event)``
@@ -110,12 +110,12 @@ class LeanEPollReactor(EPollReactor):
                     if event == EPOLLIN:  # nearly every event: a read and nothing else
                         try:
                             why = selectable.doRead()
+                            in_read = True
                         except BaseException as e:
+                            why, in_read = e, False
                             log.err()
-                            self._disconnectSelectable(selectable, e, False)
-                        else:
-                            if why:
-                                self._disconnectSelectable(selectable, why, True)
+                        if why:
+                            self._disconnectSelectable(selectable, why, in_read)
                     else:
                         handle(selectable, fd, event)
                 except KeyboardInterrupt:
