@@ -197,8 +197,9 @@ def _is_heartbeat(mtype: object, dst: object, app_types: frozenset[str]) -> bool
     """Whether a frame of this ``type`` and ``dst`` is a HEARTBEAT (whatever its ``dst``),
     raising ``BadFrame`` when it is no frame the core takes (checked in the order the
     reasons are defined: bad_type before no_dst)."""
-    if type(mtype) is not str or (mtype not in CLIENT_TYPES and mtype not in app_types):
-        raise BadFrame("bad_type")
+    if type(mtype) is not str or not mtype or (mtype not in CLIENT_TYPES
+                                               and mtype not in app_types):
+        raise BadFrame("bad_type")  # not mtype: absent, whatever --app-message-type holds
     if mtype == HEARTBEAT:
         return True
     if (type(dst) is not str or not dst) and not (dst is None and mtype in app_types):

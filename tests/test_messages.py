@@ -176,3 +176,11 @@ def test_a_reason_does_not_depend_on_which_bad_field_comes_first(data: bytes,
     except BadFrame as e:
         got = e.reason
     assert got == expected
+
+
+def test_a_frame_without_a_type_is_refused_whatever_the_app_types() -> None:
+    # Found in review: an absent type decodes as "", which no app message type can be
+    # (app_type_problem), but Config does not check its app_message_types itself.
+    with pytest.raises(BadFrame) as e:
+        parse_frame(b'{"dst":"b"}', frozenset({""}))
+    assert e.value.reason == "bad_type"

@@ -139,7 +139,7 @@ def test_lean_reactor_drops_a_reader_as_twisted_does(monkeypatch: pytest.MonkeyP
         reactor.doIteration(1.0)
         if outcome == "exception":
             assert dropped == [(reader, failure, False)]
-            assert any(e.get("isError") for e in errors)
+            assert any(e.get("isError") and e.get("system") == "Reader" for e in errors)
         else:
             assert dropped == [(reader, CONNECTION_DONE, True)]
             assert not any(e.get("isError") for e in errors)

@@ -41,10 +41,10 @@ class LeanEPollReactor(EPollReactor):
 
     Assumes ``EPollReactor.doPoll`` is: ``self._poller.poll(timeout, len(self._selectables))``,
     then for each (fd, event) ``self._doReadOrWrite(self._selectables[fd], fd, event)``
-    under ``log.callWithLogger``; and that ``_doReadOrWrite`` of a read alone is
-    ``doRead()``, then ``_disconnectSelectable(selectable, reason, True)`` on a reason it
-    returns, or ``_disconnectSelectable(selectable, exception, False)`` on an exception,
-    logged.
+    under ``log.callWithLogger``; and that ``_doReadOrWrite`` of a read alone is, after its
+    ``fileno() == -1`` test (skipped here, above), ``doRead()``, then
+    ``_disconnectSelectable(selectable, reason, True)`` on a reason it returns, or
+    ``_disconnectSelectable(selectable, exception, False)`` on an exception, logged.
     """
 
     # Seconds the arrivals of a server at rest may gather before they are served (doPoll);
@@ -113,7 +113,7 @@ class LeanEPollReactor(EPollReactor):
                             in_read = True
                         except BaseException as e:
                             why, in_read = e, False
-                            log.err()
+                            log.err(system=_prefix(selectable))
                         if why:
                             self._disconnectSelectable(selectable, why, in_read)
                     else:
