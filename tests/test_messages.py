@@ -159,7 +159,6 @@ def test_a_lone_surrogate_in_dst_is_a_destination_like_any_other() -> None:
     (b'{"type":null}x', "bad_json"),
     (b'{"type":{}, "dst":"b"', "bad_json"),
     (b'{"type":5,"x":NaN}', "bad_json"),
-    (b'{"type":' + b"[" * 5000 + b"]" * 5000 + b"}", "bad_json"),
     (b'{"dst":5,"type":1e400}', "bad_type"),
     (b'{"type":5,"type":"OFFER","dst":"b"}', "OFFER"),
     (b'{"dst":5,"dst":"b","type":"OFFER"}', "OFFER"),
