@@ -44,7 +44,7 @@ def one_run(off: str, args: argparse.Namespace) -> dict[str, float | None]:
     command = [sys.executable, "-m", "bench", "--servers", "peersig",
                "--scenarios", "connect,relay", "--connect-sizes", str(args.peers),
                "--wss-connect-sizes", str(args.peers), "--connect-rounds", "1",
-               "--relay-seconds", str(args.seconds), "--no-doc"]
+               "--relay-rounds", "1", "--relay-seconds", str(args.seconds), "--no-doc"]
     env = {**os.environ, "PEERSIG_WITHOUT_REACH": off}
     subprocess.run(command, cwd=ROOT, env=env, check=True, stdout=subprocess.DEVNULL)
     (raw,) = set(RESULTS.glob("run-*.json")) - before

@@ -133,11 +133,19 @@ class Table:
         self.rows.append(f"| **{title}** | | | | | |")
 
 
+def windows(a: dict, scenario: str) -> str:
+    """The windows of a scenario run in rounds (relay, idle): how many, how long, and
+    that the median round is shown; only the length for a run made before rounds."""
+    rounds, secs = a.get(f"{scenario}_rounds", 1), a[f"{scenario}_seconds"]
+    return f"{rounds} × {secs:g} s, the median round" if rounds > 1 else f"{secs:g} s"
+
+
 def idle_rows(t: Table, runs: dict, scenario: str, target: float) -> None:
     """Server CPU at rest (schedstat) against the target ratio, the sliced and silent
     models' figures beside it when those scenarios ran, and RSS."""
     t.row("server CPU, % of one core (schedstat)", scenario, "server_cpu_pct", 2,
           f"≤ {target:.1f}×", "lower", target)
+    t.rounds_row("server CPU of each round, %", scenario, "server_cpu_pct", 2)
     if f"{scenario}-sliced" in runs:
         t.row("the same with heartbeats sent in 50 slices of 100 ms, % of one core",
               f"{scenario}-sliced", "server_cpu_pct", 2)
@@ -247,11 +255,13 @@ def render(res: dict, raw_path: Path | None = None,
         t.row("generator event-loop lag, worst, ms", sc, "gen.max_loop_lag_ms", 0)
     if "relay" in runs:
         t.section(f"relay: {a['relay_peers'] // 4} rooms × 4, pairs ping-pong "
-                  f"OFFER/ANSWER (1000-byte SDP), closed loop, {a['relay_seconds']:g} s")
+                  f"OFFER/ANSWER (1000-byte SDP), closed loop, {windows(a, 'relay')}")
         t.row("relayed messages/s", "relay", "msgs_per_s", 0, "≥ 1.0×", "higher", 1.0)
         t.row("server CPU, % of one core", "relay", "server_cpu_pct", 0)
         t.row("server CPU per relayed message, µs", "relay", "server_us_per_msg", 1,
               "≤ 1.0×", "lower", 1.0)
+        t.rounds_row("server CPU per relayed message of each round, µs", "relay",
+                     "server_us_per_msg", 1)
         t.row("… of which user, µs", "relay", "server_user_us_per_msg", 1)
         t.row("… of which system, µs", "relay", "server_sys_us_per_msg", 1)
         t.row("relayed messages/s per core (1 / CPU per message)", "relay",
@@ -272,7 +282,7 @@ def render(res: dict, raw_path: Path | None = None,
         t.row("generator CPU, % of one core", "latency", "gen_cpu_pct", 0)
     if "idle" in runs:
         t.section(f"idle: {a['idle_peers']:,} peers heartbeating every 5 s on a timer each "
-                  f"(a random phase, as independent browsers), {a['idle_seconds']:g} s")
+                  f"(a random phase, as independent browsers), {windows(a, 'idle')}")
         idle_rows(t, runs, "idle", 1.0)
         t.row("WebSocket pings from the server per second", "idle", "pings_per_s", 0)
         t.row("softirq, all CPUs, % of one core (kernel: loopback packets, keepalive timers)",
@@ -415,10 +425,12 @@ def wss_section(res: dict) -> list[str]:
         t.row("join time p99, ms", sc, "join_ms_p99", 1)
     if "wss-relay" in runs:
         t.section(f"wss relay: {a['relay_peers'] // 4} rooms × 4, OFFER/ANSWER (1000-byte SDP), "
-                  f"closed loop, {a['relay_seconds']:g} s")
+                  f"closed loop, {windows(a, 'relay')}")
         t.row("relayed messages/s", "wss-relay", "msgs_per_s", 0)
         t.row("server CPU per relayed message, µs", "wss-relay", "server_us_per_msg", 1,
               "≤ 0.6×", "lower", 0.6)
+        t.rounds_row("server CPU per relayed message of each round, µs", "wss-relay",
+                     "server_us_per_msg", 1)
         t.row("… of which user, µs", "wss-relay", "server_user_us_per_msg", 1)
         t.row("… of which system, µs", "wss-relay", "server_sys_us_per_msg", 1)
         t.row("relayed messages/s per core", "wss-relay", "msgs_per_s_at_100pct", 0)
@@ -438,7 +450,7 @@ def wss_section(res: dict) -> list[str]:
         t.row("server CPU, % of one core", "wss-latency", "server_cpu_pct", 0)
     if "wss-idle" in runs:
         t.section(f"wss idle: {a['idle_peers']:,} peers heartbeating every 5 s on a timer "
-                  f"each, {a['idle_seconds']:g} s")
+                  f"each, {windows(a, 'idle')}")
         idle_rows(t, runs, "wss-idle", 0.6)
         t.row("peers dropped that were heartbeating", "wss-idle", "drops", 0)
 
@@ -572,9 +584,9 @@ def method_section(res: dict) -> str:
         "2↔3 ping-pong: A sends OFFER to B, B answers with ANSWER, A sends the next OFFER on "
         "receipt (one message in flight per pair). The payload is what the stock client "
         "sends for a data connection, with a 1000-byte string in `payload.sdp.sdp` (frames "
-        f"of ~1.2 KB). {a['warmup']:g} s warm-up, then a {a['relay_seconds']:g} s window. "
-        "Every peer checks the first relay it receives in full (type, src, dst, payload) "
-        "and the length of every later one.",
+        f"of ~1.2 KB). {a['warmup']:g} s warm-up, then a {a['relay_seconds']:g} s window"
+        + rounds_text(a, "relay") + ". Every peer checks the first relay it receives in "
+        "full (type, src, dst, payload) and the length of every later one.",
         f"- **latency:** the same {a['relay_peers']} peers; the offering side sends "
         f"{a['latency_rate'] / 2:,.0f} OFFERs/s round robin over the pairs on a 1 ms timer "
         "(open loop: a late answer does not delay the next offer), each answered at once, "
@@ -591,7 +603,9 @@ def method_section(res: dict) -> str:
         "dead peer: one whose network vanishes after a HEARTBEAT (bench/vanish.py drops "
         "all its packets with nftables; `ss` shows when the server's end of the connection "
         "is no longer established), and one that goes silent but keeps its TCP connection "
-        "(no heartbeats, no pongs: a hung client).",
+        "(no heartbeats, no pongs: a hung client)"
+        + (", in the first round" if a.get("idle_rounds", 1) > 1 else "")
+        + rounds_text(a, "idle") + ".",
         f"- **churn:** {a['churn_peers']:,} peers connected; then for "
         f"{a['churn_seconds']:g} s, {a['churn_rate']:g} times a second a random peer leaves "
         "(90% with a WebSocket close 1001, as a closed page, 10% with a bare TCP close, whose "
@@ -603,6 +617,16 @@ def method_section(res: dict) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def rounds_text(a: dict, scenario: str) -> str:
+    """How a scenario's rounds make its figure, for the method text."""
+    rounds = a.get(f"{scenario}_rounds", 1)
+    if rounds < 2:
+        return ""
+    return (f"; {rounds} rounds per server, alternating which server goes first, each on a "
+            "fresh server, and the figures are those of each server's median round (by CPU), "
+            "so that one slow stretch of the machine does not decide a ratio")
 
 
 def generator_section(res: dict) -> str:

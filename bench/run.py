@@ -780,14 +780,16 @@ async def scenario_idle(kind: str, args) -> dict:
         c = await fleet.connect(args.idle_peers)
         # A peer whose network vanishes (every packet dropped), and one that goes silent
         # but keeps its TCP connection (no heartbeats, no pongs): when does the server let
-        # go of each?
-        fleet.workers[0].send({"cmd": "vanish_peer"})
-        v = await fleet.workers[0].reply("vanish_peer", 30)
-        vanished = asyncio.ensure_future(
-            watch_vanished(srv.port, v["address"], v["port"], args.silent_wait) if v["ok"]
-            else asyncio.sleep(0, {"vanished_dropped_after_s": None,
-                                   "vanished_note": v.get("reason")}))
-        fleet.workers[0].send({"cmd": "silent", "wait": args.silent_wait})
+        # go of each? Asked in the first round only (pool_rounds carries the answers).
+        checks = getattr(args, "first_round", True)
+        if checks:
+            fleet.workers[0].send({"cmd": "vanish_peer"})
+            v = await fleet.workers[0].reply("vanish_peer", 30)
+            vanished = asyncio.ensure_future(
+                watch_vanished(srv.port, v["address"], v["port"], args.silent_wait)
+                if v["ok"] else asyncio.sleep(0, {"vanished_dropped_after_s": None,
+                                                  "vanished_note": v.get("reason")}))
+            fleet.workers[0].send({"cmd": "silent", "wait": args.silent_wait})
         await asyncio.sleep(args.idle_settle)
         m0 = await fleet.mark()
         u0, s0 = srv.cpu()
@@ -802,10 +804,16 @@ async def scenario_idle(kind: str, args) -> dict:
         t1 = time.monotonic()
         rss1 = srv.rss_kib()
         m1 = await fleet.mark()
-        silent = await fleet.workers[0].reply("silent", args.silent_wait + 30)
+        dead: dict = {}
+        if checks:
+            silent = await fleet.workers[0].reply("silent", args.silent_wait + 30)
+            dead = {**await vanished,
+                    "silent_dropped_after_s": silent.get("dropped_after"),
+                    "silent_waited_s": silent.get("waited"),
+                    "silent_close": silent.get("reason")}
         secs = t1 - t0
         return {
-            **await vanished,
+            **dead,
             "softirq_pct": softirq_pct(st0, st1),
             "peers": c["ok"], "connect_failed": c["failed"], "seconds": secs,
             "heartbeat_model": args.heartbeats,
@@ -819,9 +827,6 @@ async def scenario_idle(kind: str, args) -> dict:
             "pings_per_s": (m1["pings"] - m0["pings"]) / secs,
             "gen_cpu_pct": (m1["cpu"] - m0["cpu"]) / secs * 100,
             "drops": m1["drops"], "connected_end": m1["connected"],
-            "silent_dropped_after_s": silent.get("dropped_after"),
-            "silent_waited_s": silent.get("waited"),
-            "silent_close": silent.get("reason"),
             "steal_pct_server_cpu": steal_pct(st0, st1, args.server_cpu),
             "other_load_pct": other_pct(st0, st1),
         }
@@ -1188,7 +1193,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--connect-concurrency", type=int, default=32,
                     help="WebSocket joins in flight at once (per worker)")
     ap.add_argument("--relay-peers", type=int, default=1000)
-    ap.add_argument("--relay-seconds", type=float, default=None)
+    ap.add_argument("--relay-seconds", type=float, default=None,
+                    help="window of each relay round (default 10)")
+    ap.add_argument("--relay-rounds", type=int, default=None,
+                    help="relay rounds per server, alternating which goes first; the "
+                         "median round is the figure (default 3)")
     ap.add_argument("--latency-rate", type=float, default=10000,
                     help="offered relayed messages/s (OFFER + ANSWER)")
     ap.add_argument("--latency-seconds", type=float, default=None,
@@ -1198,7 +1207,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--latency-rounds", type=int, default=None,
                     help="latency rounds per server, alternating which goes first (default 5)")
     ap.add_argument("--idle-peers", type=int, default=None)
-    ap.add_argument("--idle-seconds", type=float, default=None)
+    ap.add_argument("--idle-seconds", type=float, default=None,
+                    help="window of each idle round (default 10)")
+    ap.add_argument("--idle-rounds", type=int, default=None,
+                    help="idle rounds per server and heartbeat model, alternating which "
+                         "goes first; the median round is the figure (default 3)")
     ap.add_argument("--idle-models", default="independent,sliced",
                     help="heartbeat models the idle scenario runs, in order: independent "
                          "(a timer per peer, the headline), sliced (one ticker, 50 slices), "
@@ -1253,12 +1266,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     defaults = {
         "connect_sizes": "1000" if q else "1000,4000,20000",
         "wss_connect_sizes": "1000" if q else "4000",
-        "relay_seconds": 4 if q else 20,
+        "relay_seconds": 4 if q else 10,
+        "relay_rounds": 1 if q else 3,
         "latency_seconds": 4 if q else 12,
         "latency_rounds": 1 if q else 5,
         "connect_rounds": 1 if q else 3,
         "idle_peers": 1000 if q else 10000,
-        "idle_seconds": 4 if q else 30,
+        "idle_seconds": 4 if q else 10,
+        "idle_rounds": 1 if q else 3,
         "churn_peers": 600 if q else 4000,
         "churn_seconds": 6 if q else 60,
         "churn_rate": 100 if q else 200,
@@ -1350,18 +1365,27 @@ async def amain(args: argparse.Namespace) -> dict:
                         for kind in kinds:
                             plan.append((f"{prefix}latency#{i + 1}", kind,
                                          (scenario_latency, kind, targs)))
-                elif sc == "idle":
-                    # Each model of --idle-models (IDLE_MODELS), in the order given.
-                    for model in args.idle_models:
-                        suffix = IDLE_MODELS[model]
-                        margs = argparse.Namespace(**{**vars(targs), "heartbeats": model})
-                        for kind in args.servers:
-                            plan.append((prefix + sc + suffix, kind,
-                                         (scenario_idle, kind, margs)))
+                elif sc in ("relay", "idle"):
+                    # CPU per message and at rest, the ratios issue 25 sets: one window per
+                    # server let one slow stretch of this VM decide a run. Rounds, as for
+                    # latency, each on a fresh server; pool_rounds keeps the median round.
+                    # Idle runs each model of --idle-models (IDLE_MODELS) in the order given.
+                    fn, n_rounds = ((scenario_relay, args.relay_rounds) if sc == "relay"
+                                    else (scenario_idle, args.idle_rounds))
+                    models = args.idle_models if sc == "idle" else [None]
+                    for model in models:
+                        margs = vars(targs) | ({"heartbeats": model} if model else {})
+                        suffix = IDLE_MODELS[model] if model else ""
+                        for i in range(n_rounds):
+                            kinds = args.servers if i % 2 == 0 else args.servers[::-1]
+                            # The dead-peer checks of idle take a minute: the first round.
+                            rargs = argparse.Namespace(**margs, first_round=i == 0)
+                            for kind in kinds:
+                                plan.append((f"{prefix}{sc}{suffix}#{i + 1}", kind,
+                                             (fn, kind, rargs)))
                 else:
-                    fn = {"relay": scenario_relay, "churn": scenario_churn}[sc]
                     for kind in args.servers:
-                        plan.append((prefix + sc, kind, (fn, kind, targs)))
+                        plan.append((prefix + sc, kind, (scenario_churn, kind, targs)))
         for name, kind, (fn, *fargs) in plan:  # type: ignore[misc]
             best: dict | None = None
             attempts = 0
@@ -1425,7 +1449,8 @@ def interference(r: dict) -> float:
 def pool_rounds(runs: dict) -> None:
     """Merge the rounds of each scenario run in rounds (``name#i``) into ``name``: the
     latency percentiles of all round trips together, CPU per connect as total CPU over
-    total connects; each round's own figures kept under ``rounds``."""
+    total connects, relay and idle as their median round (MEDIAN_OF); each round's own
+    figures kept under ``rounds``."""
     names: dict[str, list[str]] = {}
     for n in runs:
         if "#" in n:
@@ -1433,15 +1458,22 @@ def pool_rounds(runs: dict) -> None:
     for base, rounds_of in names.items():
         rounds_of.sort(key=lambda n: int(n.split("#")[1]))
         pooled: dict = {}
+        scenario = base.removeprefix("wss-").split("-")[0].rstrip("0123456789")
         for kind in {k for n in rounds_of for k in runs[n]}:
             rounds = [runs[n][kind] for n in rounds_of if kind in runs[n]]
             good = [r for r in rounds if "error" not in r]
             merged = dict(good[0] if good else rounds[0])
-            if good:
-                merged.update(_pool_latency(good) if base.endswith("latency")
+            if good and scenario in MEDIAN_OF:
+                merged = _median_round(good, MEDIAN_OF[scenario])
+            elif good:
+                merged.update(_pool_latency(good) if scenario == "latency"
                               else _pool_connect(good))
-            keep = ("rtt_ms_p50", "rtt_ms_p99", "rtt_ms_max") if base.endswith("latency") else (
-                "cpu_ms_per_connect", "rss_kib_per_peer", "ok", "failed")
+            keep = {"latency": ("rtt_ms_p50", "rtt_ms_p99", "rtt_ms_max"),
+                    "connect": ("cpu_ms_per_connect", "rss_kib_per_peer", "ok", "failed"),
+                    "relay": ("server_us_per_msg", "server_user_us_per_msg",
+                              "server_sys_us_per_msg", "msgs_per_s", "gen_us_per_msg"),
+                    "idle": ("server_cpu_pct", "heartbeats_per_s", "pings_per_s",
+                             "gen_cpu_pct")}[scenario]
             merged["rounds"] = [{k: r.get(k) for k in (*keep, "other_load_pct",
                                                        "steal_pct_server_cpu",
                                                        "steal_pct_gen_cpu", "attempts",
@@ -1451,6 +1483,20 @@ def pool_rounds(runs: dict) -> None:
         for n in rounds_of:
             del runs[n]
         runs[base] = pooled
+
+
+# The figure that picks a scenario's median round, for those pooled that way.
+MEDIAN_OF = {"relay": "server_us_per_msg", "idle": "server_cpu_pct"}
+
+
+def _median_round(good: list[dict], key: str) -> dict:
+    """The round whose ``key`` is the median (the higher middle one of an even count),
+    whole, so that its figures stay one window's; what only the first round measured
+    (idle's dead-peer checks) is carried over."""
+    merged = dict(sorted(good, key=lambda r: r[key])[len(good) // 2])
+    for k, v in good[0].items():
+        merged.setdefault(k, v)
+    return merged
 
 
 def _pool_latency(good: list[dict]) -> dict:
@@ -1511,8 +1557,9 @@ def _summary(name: str, r: dict) -> str:
     if name.startswith("idle"):
         return (f"{r['peers']} peers, {r['server_cpu_pct']:.2f}% CPU "
                 f"({r['heartbeats_per_s']:.0f} heartbeats/s, {r['heartbeat_model']}), "
-                f"{r['rss_kib'] / 1024:.1f} MiB, drops {r['drops']}, silent peer dropped "
-                f"after {r['silent_dropped_after_s']}")
+                f"{r['rss_kib'] / 1024:.1f} MiB, drops {r['drops']}"
+                + (f", silent peer dropped after {r['silent_dropped_after_s']}"
+                   if "silent_dropped_after_s" in r else ""))
     if name == "churn":
         return (f"{r['left'] + r['left_abrupt']} left / {r['joined']} joined, failed "
                 f"{r['failed']}, RSS {r['rss_kib_before'] / 1024:.1f} -> "
