@@ -125,9 +125,12 @@ class Table:
 
         def each(rs: list) -> str:
             return " / ".join(_num(r.get(key), digits) for r in rs)
-        lower = sum(1 for x, y in zip(*per, strict=False)
-                    if x.get(key) is not None and y.get(key) is not None and x[key] < y[key])
-        self.raw(label, each(per[0]), each(per[1]), f"lower in {lower} of {len(per[0])}")
+        pairs = [x[key] / y[key] for x, y in zip(*per, strict=False)
+                 if x.get(key) is not None and y.get(key)]
+        lower = sum(1 for q in pairs if q < 1)
+        ratios = ", ".join(f"{q:.2f}×" for q in pairs)
+        self.raw(label, each(per[0]), each(per[1]),
+                 f"lower in {lower} of {len(per[0])} ({ratios})")
 
     def section(self, title: str) -> None:
         self.rows.append(f"| **{title}** | | | | | |")
@@ -289,21 +292,27 @@ def render(res: dict, raw_path: Path | None = None,
               "idle", "softirq_pct", 2)
         waited = t.get("idle", "reference", "silent_waited_s") or a.get("silent_wait")
 
+        # Measured in one round (bench/run.py dead_peers): absent if that round failed.
+        measured = {k: t.get("idle", k, "silent_waited_s") is not None
+                    for k in ("peersig", "reference")}
+
         def after(key: str) -> tuple[float | None, float | None, str, str]:
             p, r = (t.get("idle", k, key) for k in ("peersig", "reference"))
             notes = {t.get("idle", k, "vanished_note") for k in ("peersig", "reference")}
             note = next((n for n in notes if n), None)
 
-            def show(v: float | None) -> str:
+            def show(v: float | None, kind: str) -> str:
                 if v is not None:
                     return f"{v:.1f}"
+                if not measured[kind]:
+                    return "n/a (not measured)"
                 return f"n/a ({note})" if note and key.startswith("vanished") else \
                     f"> {waited:g} (not dropped)"
-            return p, r, show(p), show(r)
+            return p, r, show(p, "peersig"), show(r, "reference")
 
         p, _, ps, rs = after("vanished_dropped_after_s")
         t.raw("peer whose network vanished: dropped after, s (all its packets lost)", ps, rs,
-              "", "≤ 5 s", (p is not None and p <= 5.0) if "peersig" in runs["idle"] else None)
+              "", "≤ 5 s", (p is not None and p <= 5.0) if measured["peersig"] else None)
         _, _, ps, rs = after("silent_dropped_after_s")
         t.raw("peer silent with its TCP up (no heartbeat, no pong): dropped after, s", ps, rs)
         t.row("peers dropped that were heartbeating", "idle", "drops", 0)
@@ -483,6 +492,54 @@ def wss_section(res: dict) -> list[str]:
     return [*out, *t.rows, *notes]
 
 
+def _notes(sc: str, r: dict) -> list[str]:
+    """What went wrong in one result (a scenario's, or one round's)."""
+    notes = []
+    for k in ("failed", "connect_failed", "initial_failed", "reconnect_failed"):
+        if r.get(k):
+            notes.append(f"{k.replace('_', ' ')}: {r[k]}")
+    if r.get("failures"):
+        notes.append("failure reasons: " + ", ".join(
+            f"{k} ×{v}" for k, v in r["failures"].items()))
+    for k in ("churn2_failures", "reconnect2_failures"):
+        if r.get(k):
+            notes.append(k.replace("_", " ") + ": " + ", ".join(
+                f"{kk} ×{vv}" for kk, vv in r[k].items()))
+    if r.get("reconnect_failures"):
+        notes.append("reconnect failure reasons: " + ", ".join(
+            f"{k} ×{v}" for k, v in r["reconnect_failures"].items()))
+    if r.get("dropped_after_open") or (r.get("drops") and sc != "churn"):
+        gs = r.get("generator_status", {})
+        notes.append(f"peers dropped by the server: "
+                     f"{r.get('dropped_after_open') or r.get('drops')} "
+                     f"({gs.get('drop_reasons', {})})")
+    gs = r.get("generator_status", {})
+    if gs.get("bad_relays"):
+        notes.append(f"relays with wrong src/dst/payload: {gs['bad_relays']}")
+    if gs.get("proto_errors"):
+        notes.append(f"WebSocket protocol errors: {gs['proto_errors']}")
+    if r.get("unanswered"):
+        notes.append(f"round trips unanswered at the end: {r['unanswered']}")
+    mt = r.get("metrics") or {}
+    timeouts = mt.get('peersig_disconnections_total{reason="timeout"}', 0)
+    if timeouts and "idle" not in sc:  # idle's silent peer is meant to time out
+        notes.append(f"peersig's liveness sweep dropped {timeouts:.0f} peers "
+                     "(disconnections reason=timeout)")
+    rejected = {k.split('"')[1]: v for k, v in mt.items()
+                if k.startswith("peersig_connections_total{") and v
+                and 'outcome="opened"' not in k}
+    if rejected:
+        notes.append("peersig rejected joins: " + ", ".join(
+            f"{k} ×{v:.0f}" for k, v in rejected.items()))
+    srv = r.get("server", {})
+    if srv.get("log_problems"):
+        notes.append(f"{srv['log_problems']} error lines in the server log, e.g. `"
+                     + srv["log_examples"][0].replace("`", "'") + "`")
+    if srv.get("killed"):
+        notes.append("did not stop within 10 s of SIGTERM (killed)")
+    return notes
+
+
 def problems_section(res: dict) -> str:
     lines = ["## What went wrong under load", ""]
     found = False
@@ -492,52 +549,19 @@ def problems_section(res: dict) -> str:
                 lines.append(f"- {sc} / {kind}: the scenario failed: `{r['error']}`")
                 found = True
                 continue
-            notes = []
-            for k in ("failed", "connect_failed", "initial_failed", "reconnect_failed"):
-                if r.get(k):
-                    notes.append(f"{k.replace('_', ' ')}: {r[k]}")
-            if r.get("failures"):
-                notes.append("failure reasons: " + ", ".join(
-                    f"{k} ×{v}" for k, v in r["failures"].items()))
-            for k in ("churn2_failures", "reconnect2_failures"):
-                if r.get(k):
-                    notes.append(k.replace("_", " ") + ": " + ", ".join(
-                        f"{kk} ×{vv}" for kk, vv in r[k].items()))
-            if r.get("reconnect_failures"):
-                notes.append("reconnect failure reasons: " + ", ".join(
-                    f"{k} ×{v}" for k, v in r["reconnect_failures"].items()))
-            if r.get("dropped_after_open") or (r.get("drops") and sc != "churn"):
-                gs = r.get("generator_status", {})
-                notes.append(f"peers dropped by the server: "
-                             f"{r.get('dropped_after_open') or r.get('drops')} "
-                             f"({gs.get('drop_reasons', {})})")
-            gs = r.get("generator_status", {})
-            if gs.get("bad_relays"):
-                notes.append(f"relays with wrong src/dst/payload: {gs['bad_relays']}")
-            if gs.get("proto_errors"):
-                notes.append(f"WebSocket protocol errors: {gs['proto_errors']}")
-            if r.get("unanswered"):
-                notes.append(f"round trips unanswered at the end: {r['unanswered']}")
-            mt = r.get("metrics") or {}
-            timeouts = mt.get('peersig_disconnections_total{reason="timeout"}', 0)
-            if timeouts and "idle" not in sc:  # idle's silent peer is meant to time out
-                notes.append(f"peersig's liveness sweep dropped {timeouts:.0f} peers "
-                             "(disconnections reason=timeout)")
-            rejected = {k.split('"')[1]: v for k, v in mt.items()
-                        if k.startswith("peersig_connections_total{") and v
-                        and 'outcome="opened"' not in k}
-            if rejected:
-                notes.append("peersig rejected joins: " + ", ".join(
-                    f"{k} ×{v:.0f}" for k, v in rejected.items()))
-            srv = r.get("server", {})
-            if srv.get("log_problems"):
-                notes.append(f"{srv['log_problems']} error lines in the server log, e.g. `"
-                             + srv["log_examples"][0].replace("`", "'") + "`")
-            if srv.get("killed"):
-                notes.append("did not stop within 10 s of SIGTERM (killed)")
-            if notes:
-                found = True
-                lines.append(f"- **{sc} / {kind}:** " + "; ".join(notes))
+            rounds = r.get("rounds") or []
+            for i, x in enumerate(rounds, 1):
+                if x.get("error"):
+                    lines.append(f"- {sc} / {kind}: round {i} failed: `{x['error']}`")
+                    found = True
+            # Relay and idle keep their rounds whole: each round's own failures.
+            whole = [(f" (round {i})" if len(rounds) > 1 else "", x)
+                     for i, x in enumerate(rounds, 1) if "server" in x and not x.get("error")]
+            for label, x in whole or [("", r)]:
+                notes = _notes(sc, x)
+                if notes:
+                    found = True
+                    lines.append(f"- **{sc} / {kind}{label}:** " + "; ".join(notes))
     if not found:
         lines.append("Nothing: no failed joins, no dropped peers, no wrong relays, no errors "
                      "in either server's log.")
@@ -599,13 +623,12 @@ def method_section(res: dict) -> str:
         f"then a {a['idle_seconds']:g} s window with nothing but heartbeats (and "
         "whatever the server sends on its own: peersig pings a peer that misses a "
         "heartbeat, which the generator answers as a browser does, and leaves the network "
-        "to the kernel's TCP keepalive). Two extra peers time how long the server keeps a "
-        "dead peer: one whose network vanishes after a HEARTBEAT (bench/vanish.py drops "
+        "to the kernel's TCP keepalive). After the window (over ws, in the first "
+        "round of the first heartbeat model), two extra peers time how long the server "
+        "keeps a dead peer: one whose network vanishes after a HEARTBEAT (bench/vanish.py drops "
         "all its packets with nftables; `ss` shows when the server's end of the connection "
         "is no longer established), and one that goes silent but keeps its TCP connection "
-        "(no heartbeats, no pongs: a hung client)"
-        + (", in the first round" if a.get("idle_rounds", 1) > 1 else "")
-        + rounds_text(a, "idle") + ".",
+        "(no heartbeats, no pongs: a hung client)" + rounds_text(a, "idle") + ".",
         f"- **churn:** {a['churn_peers']:,} peers connected; then for "
         f"{a['churn_seconds']:g} s, {a['churn_rate']:g} times a second a random peer leaves "
         "(90% with a WebSocket close 1001, as a closed page, 10% with a bare TCP close, whose "

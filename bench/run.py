@@ -3,7 +3,7 @@
 Usage (from the repository root)::
 
     python -m bench                 # full suite + generator comparison + profile, writes
-                                    # docs/benchmarks.md (~15 min on a quiet machine)
+                                    # docs/benchmarks.md (~35 min on a quiet machine)
     python -m bench --quick         # smoke run (< 2 min), writes bench/results/quick.md
     python -m bench --scenarios relay,latency --servers peersig --relay-seconds 5
     python -m bench --profile-only  # py-spy profile of peersig under the relay load
@@ -778,18 +778,6 @@ async def scenario_latency(kind: str, args) -> dict:
 async def scenario_idle(kind: str, args) -> dict:
     async def body(srv: Server, fleet: Fleet) -> dict:
         c = await fleet.connect(args.idle_peers)
-        # A peer whose network vanishes (every packet dropped), and one that goes silent
-        # but keeps its TCP connection (no heartbeats, no pongs): when does the server let
-        # go of each? Asked in the first round only (pool_rounds carries the answers).
-        checks = getattr(args, "first_round", True)
-        if checks:
-            fleet.workers[0].send({"cmd": "vanish_peer"})
-            v = await fleet.workers[0].reply("vanish_peer", 30)
-            vanished = asyncio.ensure_future(
-                watch_vanished(srv.port, v["address"], v["port"], args.silent_wait)
-                if v["ok"] else asyncio.sleep(0, {"vanished_dropped_after_s": None,
-                                                  "vanished_note": v.get("reason")}))
-            fleet.workers[0].send({"cmd": "silent", "wait": args.silent_wait})
         await asyncio.sleep(args.idle_settle)
         m0 = await fleet.mark()
         u0, s0 = srv.cpu()
@@ -804,13 +792,10 @@ async def scenario_idle(kind: str, args) -> dict:
         t1 = time.monotonic()
         rss1 = srv.rss_kib()
         m1 = await fleet.mark()
-        dead: dict = {}
-        if checks:
-            silent = await fleet.workers[0].reply("silent", args.silent_wait + 30)
-            dead = {**await vanished,
-                    "silent_dropped_after_s": silent.get("dropped_after"),
-                    "silent_waited_s": silent.get("waited"),
-                    "silent_close": silent.get("reason")}
+        # After the window, so that every round measures the same rest: a peer whose
+        # network vanishes (every packet dropped), and one that goes silent but keeps its
+        # TCP connection (no heartbeats, no pongs). When does the server let go of each?
+        dead = await dead_peers(srv, fleet, args) if args.dead_peer_checks else {}
         secs = t1 - t0
         return {
             **dead,
@@ -833,6 +818,23 @@ async def scenario_idle(kind: str, args) -> dict:
 
     return await with_server(kind, "idle", args, peersig_caps("idle"), body,
                              peers=args.idle_peers + 2)
+
+
+async def dead_peers(srv: Server, fleet: Fleet, args) -> dict:
+    """Idle's dead-peer checks: seconds until the server drops a peer whose packets all
+    vanish (bench/vanish.py, needs root and nft) and one silent with its TCP up."""
+    fleet.workers[0].send({"cmd": "vanish_peer"})
+    v = await fleet.workers[0].reply("vanish_peer", 30)
+    vanished = asyncio.ensure_future(
+        watch_vanished(srv.port, v["address"], v["port"], args.silent_wait) if v["ok"]
+        else asyncio.sleep(0, {"vanished_dropped_after_s": None,
+                               "vanished_note": v.get("reason")}))
+    fleet.workers[0].send({"cmd": "silent", "wait": args.silent_wait})
+    silent = await fleet.workers[0].reply("silent", args.silent_wait + 30)
+    return {**await vanished,
+            "silent_dropped_after_s": silent.get("dropped_after"),
+            "silent_waited_s": silent.get("waited"),
+            "silent_close": silent.get("reason")}
 
 
 async def scenario_churn(kind: str, args) -> dict:
@@ -1286,6 +1288,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         a.quiet_max_wait = 0 if q else 45
     if a.retries is None:
         a.retries = 0 if q else 2
+    for name in ("relay_rounds", "idle_rounds"):
+        if getattr(a, name) % 2 == 0 or getattr(a, name) < 1:
+            # The figure is the median round: an odd number of rounds has one.
+            ap.error(f"--{name.replace('_', '-')} takes an odd number")
     a.warmup = 2 if q else 3
     a.settle = 1.0 if q else 2.0
     a.hold = 1 if q else 6
@@ -1378,8 +1384,11 @@ async def amain(args: argparse.Namespace) -> dict:
                         suffix = IDLE_MODELS[model] if model else ""
                         for i in range(n_rounds):
                             kinds = args.servers if i % 2 == 0 else args.servers[::-1]
-                            # The dead-peer checks of idle take a minute: the first round.
-                            rargs = argparse.Namespace(**margs, first_round=i == 0)
+                            # Idle's dead-peer checks take a minute and the report shows
+                            # them for ws: once, in the first model's first round.
+                            checks = (sc == "idle" and not wss and i == 0
+                                      and model == args.idle_models[0])
+                            rargs = argparse.Namespace(**margs, dead_peer_checks=checks)
                             for kind in kinds:
                                 plan.append((f"{prefix}{sc}{suffix}#{i + 1}", kind,
                                              (fn, kind, rargs)))
@@ -1468,17 +1477,18 @@ def pool_rounds(runs: dict) -> None:
             elif good:
                 merged.update(_pool_latency(good) if scenario == "latency"
                               else _pool_connect(good))
-            keep = {"latency": ("rtt_ms_p50", "rtt_ms_p99", "rtt_ms_max"),
-                    "connect": ("cpu_ms_per_connect", "rss_kib_per_peer", "ok", "failed"),
-                    "relay": ("server_us_per_msg", "server_user_us_per_msg",
-                              "server_sys_us_per_msg", "msgs_per_s", "gen_us_per_msg"),
-                    "idle": ("server_cpu_pct", "heartbeats_per_s", "pings_per_s",
-                             "gen_cpu_pct")}[scenario]
-            merged["rounds"] = [{k: r.get(k) for k in (*keep, "other_load_pct",
-                                                       "steal_pct_server_cpu",
-                                                       "steal_pct_gen_cpu", "attempts",
-                                                       "error")}
-                                for r in rounds]
+            if scenario in MEDIAN_OF:
+                # Whole, as the report reads each round's failures, drops and log errors.
+                merged["rounds"] = [dict(r) for r in rounds]
+            else:
+                keep = {"latency": ("rtt_ms_p50", "rtt_ms_p99", "rtt_ms_max"),
+                        "connect": ("cpu_ms_per_connect", "rss_kib_per_peer", "ok",
+                                    "failed")}[scenario]
+                merged["rounds"] = [{k: r.get(k) for k in (*keep, "other_load_pct",
+                                                           "steal_pct_server_cpu",
+                                                           "steal_pct_gen_cpu", "attempts",
+                                                           "error")}
+                                    for r in rounds]
             pooled[kind] = merged
         for n in rounds_of:
             del runs[n]
@@ -1490,12 +1500,16 @@ MEDIAN_OF = {"relay": "server_us_per_msg", "idle": "server_cpu_pct"}
 
 
 def _median_round(good: list[dict], key: str) -> dict:
-    """The round whose ``key`` is the median (the higher middle one of an even count),
-    whole, so that its figures stay one window's; what only the first round measured
-    (idle's dead-peer checks) is carried over."""
+    """The round whose ``key`` is the median (parse_args asks for an odd number of
+    rounds), whole, so that its figures stay one window's; what one round alone measured
+    (idle's dead-peer checks) is carried over, and the peers dropped and the failed joins
+    are those of all the rounds."""
     merged = dict(sorted(good, key=lambda r: r[key])[len(good) // 2])
-    for k, v in good[0].items():
-        merged.setdefault(k, v)
+    for r in good:
+        for k, v in r.items():
+            merged.setdefault(k, v)
+    for k in ("drops", "connect_failed"):
+        merged[k] = sum(r.get(k, 0) for r in good)
     return merged
 
 
