@@ -1362,22 +1362,15 @@ async def amain(args: argparse.Namespace) -> dict:
                             for kind in kinds:
                                 plan.append((f"{prefix}connect{n}#{i + 1}", kind,
                                              (scenario_connect, kind, n, targs)))
-                elif sc == "latency":
-                    # This VM stalls now and then for tens of ms: one window per server is
-                    # a coin toss. Several short rounds, alternating which server goes
-                    # first, each on a fresh server, pooled by pool_rounds.
-                    for i in range(args.latency_rounds):
-                        kinds = args.servers if i % 2 == 0 else args.servers[::-1]
-                        for kind in kinds:
-                            plan.append((f"{prefix}latency#{i + 1}", kind,
-                                         (scenario_latency, kind, targs)))
-                elif sc in ("relay", "idle"):
-                    # CPU per message and at rest, the ratios issue 25 sets: one window per
-                    # server let one slow stretch of this VM decide a run. Rounds, as for
-                    # latency, each on a fresh server; pool_rounds keeps the median round.
-                    # Idle runs each model of --idle-models (IDLE_MODELS) in the order given.
-                    fn, n_rounds = ((scenario_relay, args.relay_rounds) if sc == "relay"
-                                    else (scenario_idle, args.idle_rounds))
+                elif sc in ("relay", "latency", "idle"):
+                    # This VM slows and stalls now and then: one window per server let one
+                    # slow stretch decide a ratio. Rounds, alternating which server goes
+                    # first, each on a fresh server; pool_rounds pools latency's and keeps
+                    # the median round of relay and idle. Idle runs each model of
+                    # --idle-models (IDLE_MODELS) in the order given.
+                    fn, n_rounds = {"relay": (scenario_relay, args.relay_rounds),
+                                    "latency": (scenario_latency, args.latency_rounds),
+                                    "idle": (scenario_idle, args.idle_rounds)}[sc]
                     models = args.idle_models if sc == "idle" else [None]
                     for model in models:
                         margs = vars(targs) | ({"heartbeats": model} if model else {})
