@@ -27,15 +27,6 @@ def _num(v, digits: int = 1) -> str:
     return f"{v:.{digits}f}"
 
 
-def _ratio(a, b) -> str:
-    try:
-        if a is None or b is None or b == 0 or math.isnan(a) or math.isnan(b):
-            return "—"
-    except TypeError:
-        return "—"
-    return f"{a / b:.2f}×"
-
-
 def _check(ok: bool | None) -> str:
     if ok is None:
         return ""
@@ -78,18 +69,34 @@ class Table:
         r = self.get(scenario, "reference", key)
         f = fmt or (lambda v: _num(v, digits))
         ps, rs = self.each_run(scenario, "peersig", key), self.each_run(scenario, "reference", key)
+        paired = self.get(scenario, "peersig", "paired_key") == key
         if len(ps) > 1 or len(rs) > 1:
-            self._spread_row(label, ps, rs, f, target, better, limit)
+            # The runs' own ratios: run i's peersig against run i's reference, or paired,
+            # each run's median of its pairs' ratios (bench.run.paired_ratio).
+            ratios = [p / r for p, r in zip(ps, rs, strict=False) if p is not None and r]
+            medians = None
+            if paired:
+                medians = ratios
+                ratios = [q for q in self.each_run(scenario, "peersig", "paired_ratio")
+                          if q is not None]
+            self._spread_row(label, ps, rs, f, target, better, limit, ratios, medians)
             return
+        q = p / r if p is not None and r else None
+        ratio = "—" if q is None else f"{q:.2f}×"
+        if paired and q is not None:
+            q = self.get(scenario, "peersig", "paired_ratio")
+            ratio = f"{q:.2f}× (pairs; of the medians {ratio})"
         met = None
-        if better and limit is not None and p is not None and r:
-            q = p / r
+        if better and limit is not None and q is not None:
             met = q <= limit if better == "lower" else q >= limit
-        self.rows.append(f"| {label} | {f(p)} | {f(r)} | {_ratio(p, r)} | {target} "
+        self.rows.append(f"| {label} | {f(p)} | {f(r)} | {ratio} | {target} "
                          f"| {_check(met)} |")
 
     def _spread_row(self, label: str, ps: list, rs: list, f, target: str,
-                    better: str | None, limit: float | None) -> None:
+                    better: str | None, limit: float | None, ratios: list[float],
+                    medians: list[float] | None) -> None:
+        """``ratios``: each run's; ``medians``, when ``ratios`` are paired ratios, each
+        run's ratio of the two servers' median rounds, shown beside them."""
         def cell(vs: list) -> str:
             got = [v for v in vs if v is not None]
             if not got:
@@ -98,13 +105,14 @@ class Table:
                 return f(got[0])
             return f"{f(_median(got))} ({f(min(got))}–{f(max(got))})"
 
-        # The runs' own ratios: run i's peersig against run i's reference.
-        ratios = [p / r for p, r in zip(ps, rs, strict=False) if p is not None and r]
         ratio = "—"
         if ratios:
             ratio = f"{_median(ratios):.2f}×"
             if len(ratios) > 1:
                 ratio += f" ({min(ratios):.2f}–{max(ratios):.2f}×)"
+            if medians:
+                ratio += (f" (pairs; of the medians {min(medians):.2f}–"
+                          f"{max(medians):.2f}×)")
         met_text = ""
         if better and limit is not None and ratios:
             met_in = sum(1 for q in ratios if (q <= limit if better == "lower" else q >= limit))
@@ -648,8 +656,11 @@ def rounds_text(a: dict, scenario: str) -> str:
     if rounds < 2:
         return ""
     return (f"; {rounds} rounds per server, alternating which server goes first, each on a "
-            "fresh server, and the figures are those of each server's median round (by CPU), "
-            "so that one slow stretch of the machine does not decide a ratio")
+            "fresh server. The figures are those of each server's median round (by CPU); a "
+            "ratio marked (pairs) is the median of each pair's ratio (round i of peersig "
+            "against round i of the reference, run one after the other), so that a slow "
+            "stretch of the machine weighs on both sides of a ratio and one slow window does "
+            "not decide it")
 
 
 def generator_section(res: dict) -> str:

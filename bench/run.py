@@ -1452,7 +1452,9 @@ def pool_rounds(runs: dict) -> None:
     """Merge the rounds of each scenario run in rounds (``name#i``) into ``name``: the
     latency percentiles of all round trips together, CPU per connect as total CPU over
     total connects, relay and idle as their median round (MEDIAN_OF); each round's own
-    figures kept under ``rounds``."""
+    figures kept under ``rounds``. Relay and idle run by both servers also get peersig's
+    ``paired_ratio`` of their MEDIAN_OF figure (``paired_key``), by which the report
+    judges their targets."""
     names: dict[str, list[str]] = {}
     for n in runs:
         if "#" in n:
@@ -1483,6 +1485,12 @@ def pool_rounds(runs: dict) -> None:
                                                            "error")}
                                     for r in rounds]
             pooled[kind] = merged
+        if scenario in MEDIAN_OF and {"peersig", "reference"} <= pooled.keys():
+            key = MEDIAN_OF[scenario]
+            ratio = paired_ratio(pooled["peersig"]["rounds"], pooled["reference"]["rounds"],
+                                 key)
+            if ratio is not None:
+                pooled["peersig"].update(paired_ratio=ratio, paired_key=key)
         for n in rounds_of:
             del runs[n]
         runs[base] = pooled
@@ -1490,6 +1498,20 @@ def pool_rounds(runs: dict) -> None:
 
 # The figure that picks a scenario's median round, for those pooled that way.
 MEDIAN_OF = {"relay": "server_us_per_msg", "idle": "server_cpu_pct"}
+
+
+def paired_ratio(ours: list[dict], theirs: list[dict], key: str) -> float | None:
+    """peersig's ``key`` against the reference's as the median of each pair's ratio: round
+    i of one server and round i of the other ran one after the other, so a slow stretch of
+    the machine that spans a pair weighs on both sides of its ratio, and the median sets
+    aside a pair that one side's slow window skewed. None without a pair both measured."""
+    ratios = sorted(a[key] / b[key] for a, b in zip(ours, theirs, strict=False)
+                    if "error" not in a and "error" not in b
+                    and a.get(key) is not None and b.get(key))
+    if not ratios:
+        return None
+    mid = len(ratios) // 2
+    return ratios[mid] if len(ratios) % 2 else (ratios[mid - 1] + ratios[mid]) / 2
 
 
 def _median_round(good: list[dict], key: str) -> dict:
