@@ -78,12 +78,7 @@ def run_appendix(main: Any, prefix: str, doc: Path, render: Any, no_doc: bool) -
     docs/benchmarks.md (bench/soak.py, bench/storm.py); kill what it started whatever
     happens; save its raw results as bench/results/PREFIX-DATE.json; unless ``no_doc``,
     write ``render(results)`` to ``doc`` and refresh the appendices."""
-    try:
-        res = asyncio.run(main)
-    finally:
-        for pid in list(OWN_PIDS):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, 9)
+    res = run_owning(main)
     RESULTS.mkdir(parents=True, exist_ok=True)
     raw = RESULTS / f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}.json"
     res["raw"] = str(raw.relative_to(ROOT))
@@ -93,6 +88,30 @@ def run_appendix(main: Any, prefix: str, doc: Path, render: Any, no_doc: bool) -
         render_appendix(doc, render, res)
         log(f"wrote {doc} and refreshed docs/benchmarks.md")
     return res
+
+
+def run_owning(main: Any) -> Any:
+    """``asyncio.run(main)``, after which every process it started and left running (in
+    ``OWN_PIDS``: servers, generators) is killed, whatever ended it: its end, an error,
+    Ctrl-C, or SIGTERM (which Python's default handler answers by exiting at once, with no
+    cleanup: a benchmark stopped with ``kill`` left its servers behind)."""
+    previous = signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(128 + signum))
+    try:
+        return asyncio.run(main)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        for pid in list(OWN_PIDS):
+            if _parent(pid) == os.getpid():  # ours still (a pid is reused once reaped)
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+
+
+def _parent(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def render_appendix(doc: Path, render: Any, res: dict) -> None:
@@ -1616,7 +1635,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.loop == "uvloop" and not ensure_uvloop():
         args.loop = "asyncio"
     RESULTS.mkdir(parents=True, exist_ok=True)
-    results = asyncio.run(amain(args))
+    results = run_owning(amain(args))
     raw = RESULTS / f"run-{RUN_ID}.json"
     raw.write_text(json.dumps(results, indent=1, default=str))
     log(f"raw results: {raw.relative_to(ROOT)}")
