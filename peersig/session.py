@@ -68,6 +68,7 @@ MAX_CONTACTS = 64
 
 class Session:
     __slots__ = (
+        "_seen",
         "address",
         "bad_until",
         "connected_at",
@@ -76,11 +77,11 @@ class Session:
         "hub",
         "id",
         "last_drop",
-        "last_seen",
         "limited_since",
         "pinged_at",
         "refilled_at",
         "room",
+        "slot",
         "state",
         "token",
         "tokens",
@@ -105,7 +106,10 @@ class Session:
         self.address = address
         self.state = OPEN
         self.connected_at = now
-        self.last_seen = now
+        # Its last sign of life: in ``hub.seen[slot]`` while connected (``Hub.sweep`` reads
+        # them all there), here otherwise.
+        self.slot: int | None = None
+        self._seen = now
         self.pinged_at = -1e18  # when the server last pinged it: never yet
         self.tokens = hub.config.rate_limit
         self.refilled_at = now
@@ -118,6 +122,20 @@ class Session:
     def __repr__(self) -> str:
         return f"<Session {self.id!r} in {self.room.name!r}>"
 
+    @property
+    def last_seen(self) -> float:
+        """When it last gave a sign of life (a frame, a pong), on the hub's clock, s."""
+        slot = self.slot
+        return self._seen if slot is None else self.hub.seen[slot]
+
+    @last_seen.setter
+    def last_seen(self, when: float) -> None:
+        slot = self.slot
+        if slot is None:
+            self._seen = when
+        else:
+            self.hub.seen[slot] = when
+
     def alive(self) -> None:
         """Any sign of life (a pong) other than a frame."""
         hub = self.hub
@@ -129,9 +147,11 @@ class Session:
         """One text frame from the peer."""
         hub = self.hub
         now = hub.clock.seconds()
-        self.last_seen = now
-        if self.state != OPEN:
+        slot = self.slot
+        if slot is None:  # no longer connected
+            self._seen = now
             return
+        hub.seen[slot] = now  # last_seen, without the property's call: every frame
         rate = hub.config.rate_limit
         if rate:
             tokens = self.tokens + (now - self.refilled_at) * rate

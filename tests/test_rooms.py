@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 
 import pytest
 
@@ -357,6 +358,70 @@ def test_sweep_survives_a_failing_peer_and_keeps_running() -> None:
     w.advance(3.0)
     assert good.aborted and bad.aborted
     assert sum(w.hub.stats.sweep_seconds.counts) == 6
+
+
+@pytest.mark.parametrize("config", [{}, PINGS_5S, {"sweep_interval": 0.25}])
+def test_the_sweep_pings_and_drops_whom_a_walk_of_every_peer_would(
+        config: dict[str, float]) -> None:
+    # The sweep finds idle peers in Hub.seen, not by visiting each. Against a walk of every
+    # connected peer at each sweep: peers heartbeating, falling silent, answering pings or
+    # not, leaving, away within their grace, joining, at irregular sweep times.
+    rng = random.Random(25)
+    w = World(room_size=0, **config)
+    hub = w.hub
+    cfg = hub.config
+    peers = [w.connect(f"p{i}", responsive=rng.random() < 0.5) for i in range(60)]
+    joined = len(peers)
+    pinged = dropped = 0
+    for _ in range(600):
+        w.clock.advance(rng.uniform(0.05, 1.6) * cfg.sweep_interval)
+        for t in rng.sample(peers, 6):
+            if t.session in hub.sessions and not t.aborted:
+                if rng.random() < 0.8:
+                    w.send(t, {"type": "HEARTBEAT"})
+                else:
+                    t.responsive = not t.responsive
+        if rng.random() < 0.1:
+            gone = rng.choice(peers)
+            if gone.session in hub.sessions:
+                if rng.random() < 0.5:
+                    w.close(gone)
+                else:  # its socket closed: away, its seat kept for the grace
+                    hub.socket_closed(gone.session, 1006, False)
+            peers.append(w.connect(f"p{joined}", responsive=rng.random() < 0.5))
+            joined += 1
+        now = w.clock.seconds()
+        due = {t: (now - t.session.last_seen > cfg.dead_after,
+                   now - t.session.last_seen > cfg.ping_interval
+                   and now - t.session.pinged_at >= cfg.ping_interval)
+               for t in peers if t.session in hub.sessions}
+        pings = {t: t.pings for t in due}
+        hub.sweep()
+        for t, (drop, ping) in due.items():
+            assert t.aborted == drop, (now, t.session)
+            assert t.pings - pings[t] == (ping and not drop), (now, t.session)
+            pinged += ping and not drop
+            dropped += drop
+    assert pinged > 50 and dropped > 10  # both happened, many times
+    # Each connected session in its own slot; every other slot free and never idle.
+    assert {hub.slot_of[s.slot] for s in hub.sessions if s.slot is not None} == hub.sessions
+    assert all(hub.seen[i] == float("inf") for i in hub.free_slots)
+    assert len(hub.free_slots) + len(hub.sessions) == len(hub.seen) == len(hub.slot_of)
+
+
+def test_a_departed_peer_keeps_its_last_sign_of_life() -> None:
+    w = World()
+    t = w.connect("alice")
+    w.clock.advance(3.0)
+    w.send(t, {"type": "HEARTBEAT"})
+    assert t.session is not None
+    session = t.session
+    w.close(t)
+    bob = w.connect("bob")  # takes alice's slot
+    w.clock.advance(1.0)
+    w.send(bob, {"type": "HEARTBEAT"})
+    assert session.last_seen == 1003.0
+    assert bob.session is not None and bob.session.last_seen == 1004.0
 
 
 def test_sweep_timer_keeps_running_after_a_sweep_raises() -> None:
