@@ -11,9 +11,22 @@ from pathlib import Path
 
 import pytest
 
-from bench.run import OWN_PIDS, run_owning
-
 ROOT = Path(__file__).resolve().parent.parent
+
+# A run (in a process of its own: the suite's may have an event loop running) that starts a
+# child, says its pid once SIGTERM's handler is in place, then waits or fails.
+RUN = """
+import asyncio, subprocess, sys
+from bench.run import OWN_PIDS, run_owning
+child = subprocess.Popen(['sleep', '60'])
+OWN_PIDS.add(child.pid)
+async def main():
+    print(child.pid, flush=True)
+    if sys.argv[1] == 'fail':
+        raise RuntimeError('a scenario failed')
+    await asyncio.sleep(60)
+run_owning(main())
+"""
 
 
 def _gone(pid: int, seconds: float = 10.0) -> bool:
@@ -30,44 +43,19 @@ def _gone(pid: int, seconds: float = 10.0) -> bool:
     return False
 
 
-def test_an_error_kills_what_the_run_started() -> None:
-    child = subprocess.Popen(["sleep", "60"])
-    OWN_PIDS.add(child.pid)
-
-    async def fails() -> None:
-        raise RuntimeError("a scenario failed")
-
-    try:
-        before = signal.getsignal(signal.SIGTERM)
-        with pytest.raises(RuntimeError):
-            run_owning(fails())
-        assert child.wait(timeout=10) == -signal.SIGKILL
-        assert signal.getsignal(signal.SIGTERM) is before
-    finally:
-        OWN_PIDS.discard(child.pid)
-        child.kill()
-        child.wait()
-
-
-def test_sigterm_kills_what_the_run_started() -> None:
-    script = (
-        "import asyncio, subprocess\n"
-        "from bench.run import OWN_PIDS, run_owning\n"
-        "child = subprocess.Popen(['sleep', '60'])\n"
-        "OWN_PIDS.add(child.pid)\n"
-        "async def main():\n"
-        "    print(child.pid, flush=True)\n"  # SIGTERM's handler is in place by now
-        "    await asyncio.sleep(60)\n"
-        "run_owning(main())\n"
-    )
-    bench = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stdout=subprocess.PIPE,
-                             text=True)
-    try:
-        assert bench.stdout is not None
-        pid = int(bench.stdout.readline())
-        bench.send_signal(signal.SIGTERM)
-        assert bench.wait(timeout=10) == 128 + signal.SIGTERM
-        assert _gone(pid), "the run's child outlived it"
-    finally:
-        bench.kill()
-        bench.wait()
+@pytest.mark.parametrize("end", ["fail", "sigterm"])
+def test_the_children_of_a_run_do_not_outlive_it(end: str) -> None:
+    with subprocess.Popen([sys.executable, "-c", RUN, end], cwd=ROOT, text=True,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE) as run:
+        assert run.stdout is not None and run.stderr is not None
+        try:
+            pid = int(run.stdout.readline())
+            if end == "sigterm":
+                run.send_signal(signal.SIGTERM)
+                assert run.wait(timeout=10) == 128 + signal.SIGTERM
+            else:
+                assert run.wait(timeout=10) == 1
+                assert "a scenario failed" in run.stderr.read()
+            assert _gone(pid), "the run's child outlived it"
+        finally:
+            run.kill()
