@@ -782,7 +782,6 @@ class Hub:
                   members: list[str] | None = None) -> None:
         room = session.room
         room.peers[session.id] = session
-        self.sessions.add(session)
         self._take_slot(session)
         self.per_address[session.address] = self.per_address.get(session.address, 0) + 1
         self.stats.connections[outcome] += 1
@@ -1144,11 +1143,12 @@ class Hub:
 
     def _forget(self, session: Session) -> None:
         session.state = CLOSED
-        self.sessions.discard(session)
         self._free_slot(session)
         self._uncount(session.address)
 
     def _take_slot(self, session: Session) -> None:
+        """``session`` is connected: in ``sessions``, its last sign of life in a slot."""
+        self.sessions.add(session)
         seen = session.last_seen
         if self.free_slots:
             slot = self.free_slots.pop()
@@ -1161,6 +1161,8 @@ class Hub:
         session.slot = slot
 
     def _free_slot(self, session: Session) -> None:
+        """``session`` is no longer connected; it keeps its last sign of life itself."""
+        self.sessions.discard(session)
         slot = session.slot
         if slot is not None:
             session._seen = self.seen[slot]
@@ -1213,7 +1215,6 @@ class Hub:
         # Out of the connected set, but still counted for its address (--max-peers-per-ip):
         # a place kept is a place taken, until the grace ends or a reconnect takes it back.
         session.state = AWAY
-        self.sessions.discard(session)
         self._free_slot(session)
         session.transport = DETACHED
         if room.peers.get(session.id) is session:
