@@ -23,17 +23,11 @@ from websockets.sync.client import ClientConnection, connect
 from peersig.tls import BACKLOG, with_backlog
 
 from .serverproc import REPO, ServerProcess, free_port, make_self_signed_cert
+from .wssclient import insecure, wss_connect
 
 
 def recv_json(ws: ClientConnection, timeout: float = 5) -> dict[str, object]:
     return json.loads(ws.recv(timeout=timeout))  # type: ignore[no-any-return]
-
-
-def insecure_context() -> ssl.SSLContext:
-    ctx = ssl.create_default_context()
-    ctx.check_hostname = False
-    ctx.verify_mode = ssl.CERT_NONE
-    return ctx
 
 
 def served_cert(ws: ClientConnection) -> bytes:
@@ -60,14 +54,14 @@ def test_wss_and_certificate_reload_on_sighup(tmp_path: Path) -> None:
         # on Twisted 24.7 with a current pyOpenSSL; issue 17).
         for offered, chosen in ((["h2", "http/1.1"], "http/1.1"), (["http/1.1"], "http/1.1"),
                                 ([], None)):
-            context = insecure_context()
+            context = insecure()
             if offered:
                 context.set_alpn_protocols(offered)
-            with connect(url.format("alpn", f"alpn{len(offered)}"), ssl=context) as ws:
+            with wss_connect(url.format("alpn", f"alpn{len(offered)}"), context) as ws:
                 assert recv_json(ws) == {"type": "OPEN"}
                 assert ws.socket.selected_alpn_protocol() == chosen  # type: ignore[attr-defined]
-        old_a = connect(url.format("a", "tls"), ssl=insecure_context())
-        old_b = connect(url.format("b", "tls"), ssl=insecure_context())
+        old_a = wss_connect(url.format("a", "tls"))
+        old_b = wss_connect(url.format("b", "tls"))
         recv_json(old_a), recv_json(old_b)
         first = served_cert(old_a)
         assert first == der_of(cert)
@@ -78,7 +72,7 @@ def test_wss_and_certificate_reload_on_sighup(tmp_path: Path) -> None:
         proc.signal(signal.SIGHUP)
         deadline = time.monotonic() + 5
         while True:
-            with connect(url.format("c", "probe"), ssl=insecure_context()) as fresh:
+            with wss_connect(url.format("c", "probe")) as fresh:
                 recv_json(fresh)
                 if served_cert(fresh) == der_of(new_cert):
                     break
@@ -94,7 +88,7 @@ def test_wss_and_certificate_reload_on_sighup(tmp_path: Path) -> None:
         cert.write_text("garbage")
         proc.signal(signal.SIGHUP)
         time.sleep(0.3)
-        with connect(url.format("d", "probe"), ssl=insecure_context()) as fresh:
+        with wss_connect(url.format("d", "probe")) as fresh:
             recv_json(fresh)
             assert served_cert(fresh) == der_of(new_cert)
         assert "certificate not reloaded" in proc.log_path.read_text()

@@ -6,7 +6,6 @@ import base64
 import json
 import os
 import socket
-import ssl
 import subprocess
 import sys
 import time
@@ -22,6 +21,7 @@ from websockets.sync.client import ClientConnection, connect
 from bench.vanish import Vanish, unusable
 
 from .serverproc import REPO, ServerProcess
+from .wssclient import wss_connect
 
 
 def recv_json(ws: ClientConnection, timeout: float = 5) -> dict[str, object]:
@@ -511,17 +511,14 @@ def test_a_peer_whose_network_vanishes_is_dropped_within_5s(
     if scheme == "wss":
         tls = ServerProcess(tmp_path, tls=True)
         tls.start()
-        context = ssl.create_default_context()
-        context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
     try:
-        def url(peer_id: str) -> str:
+        def join(peer_id: str) -> ClientConnection:
             if tls is None:
-                return server.ws_url(peer_id, token="vanish")
-            return (f"wss://127.0.0.1:{tls.tls_port}/peerjs?key=peerjs&id={peer_id}"
-                    "&token=vanish")
-        options = {"ssl": context} if tls is not None else {}
-        a = connect(url("alice"), **options)
-        with connect(url("bob"), **options) as b:
+                return connect(server.ws_url(peer_id, token="vanish"))
+            return wss_connect(f"wss://127.0.0.1:{tls.tls_port}/peerjs?key=peerjs"
+                               f"&id={peer_id}&token=vanish")
+        a = join("alice")
+        with join("bob") as b:
             assert recv_json(a) == {"type": "OPEN"} and recv_json(b) == {"type": "OPEN"}
             a.send(json.dumps({"type": "HEARTBEAT"}))
             time.sleep(0.2)

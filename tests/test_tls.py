@@ -16,13 +16,13 @@ from pathlib import Path
 
 import pytest
 from websockets.exceptions import ConnectionClosed
-from websockets.sync.client import connect
 
 from peersig.tls import OP_ENABLE_KTLS, kernel_tls, load_context
 
 from .serverproc import ServerProcess, make_self_signed_cert
 from .test_framing import client_frame
 from .test_process import recv_json
+from .wssclient import insecure, wss_connect
 
 
 @pytest.fixture(scope="module")
@@ -32,13 +32,6 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     proc.start()
     yield proc
     proc.stop()
-
-
-def insecure() -> ssl.SSLContext:
-    ctx = ssl.create_default_context()
-    ctx.check_hostname = False
-    ctx.verify_mode = ssl.CERT_NONE
-    return ctx
 
 
 def wss_url(server: ServerProcess, peer_id: str, room: str) -> str:
@@ -127,7 +120,7 @@ class WireClient:
 
 def test_records_cut_anywhere_are_read_whole(server: ServerProcess) -> None:
     room = "cut" + os.urandom(3).hex()
-    with connect(wss_url(server, "b", room), ssl=insecure()) as b:
+    with wss_connect(wss_url(server, "b", room)) as b:
         recv_json(b)
         client = WireClient(server)
         client.handshake(piece=7, pause=0.002)  # the ClientHello in pieces: want-read
@@ -145,7 +138,7 @@ def test_a_reader_too_slow_for_the_writer_gets_everything_in_order(
     slow = WireClient(server, rcvbuf=4096)
     slow.handshake()
     slow.join("slow", room)
-    with connect(wss_url(server, "fast", room), ssl=insecure()) as fast:
+    with wss_connect(wss_url(server, "fast", room)) as fast:
         recv_json(fast)
         for n in range(40):
             fast.send(json.dumps({"type": "CANDIDATE", "dst": "slow",
@@ -159,7 +152,7 @@ def test_a_reader_too_slow_for_the_writer_gets_everything_in_order(
 
 def test_close_notify_from_the_client_is_a_clean_departure(server: ServerProcess) -> None:
     room = "notify" + os.urandom(3).hex()
-    with connect(wss_url(server, "b", room), ssl=insecure()) as b:
+    with wss_connect(wss_url(server, "b", room)) as b:
         recv_json(b)
         away = server.metric("peersig_peers_away")
         client = WireClient(server)
@@ -191,7 +184,7 @@ def test_the_server_ends_its_side_with_close_notify(server: ServerProcess) -> No
 def test_a_close_in_the_middle_of_a_record_is_a_lost_peer(server: ServerProcess,
                                                           how: str) -> None:
     room = "mid" + how + os.urandom(3).hex()
-    with connect(wss_url(server, "b", room), ssl=insecure()) as b:
+    with wss_connect(wss_url(server, "b", room)) as b:
         recv_json(b)
         client = WireClient(server)
         client.handshake()
@@ -213,7 +206,7 @@ def test_a_client_that_refuses_the_certificate_with_an_alert(server: ServerProce
             socket.create_connection(("127.0.0.1", server.tls_port)) as raw, \
             verifying.wrap_socket(raw, server_hostname="localhost"):
         pass
-    with connect(wss_url(server, "after-alert", "alert"), ssl=insecure()) as ws:
+    with wss_connect(wss_url(server, "after-alert", "alert")) as ws:
         assert recv_json(ws) == {"type": "OPEN"}
     assert "Traceback" not in server.log_tail(200)
 
@@ -232,7 +225,7 @@ def test_a_stalled_handshake_is_cut_by_the_handshake_timeout(server: ServerProce
 
 def test_many_records_in_one_read_all_arrive(server: ServerProcess) -> None:
     room = "many" + os.urandom(3).hex()
-    with connect(wss_url(server, "b", room), ssl=insecure()) as b:
+    with wss_connect(wss_url(server, "b", room)) as b:
         recv_json(b)
         client = WireClient(server)
         client.handshake()
@@ -266,7 +259,7 @@ def test_a_drain_closes_wss_peers_with_1001(tmp_path: Path) -> None:
     proc = ServerProcess(tmp_path, [], tls=True)
     proc.start()
     try:
-        with connect(wss_url(proc, "a", "drain"), ssl=insecure()) as ws:
+        with wss_connect(wss_url(proc, "a", "drain")) as ws:
             recv_json(ws)
             proc.signal()
             with pytest.raises(ConnectionClosed) as closed:

@@ -824,14 +824,15 @@ def test_every_public_road_serves_ws_and_wss(tmp_path: Path) -> None:
     from peersig.upstream import optional
     from tests.serverproc import ServerProcess
     from tests.test_process import recv_json
-    from tests.test_tls import insecure, wss_url
+    from tests.test_tls import wss_url
+    from tests.wssclient import wss_connect
 
     server = ServerProcess(tmp_path, tls=True,
                            env={"PEERSIG_WITHOUT_REACH": ",".join(optional())})
     server.start()
     try:
         with connect(server.ws_url("a", token="public")) as a, \
-                connect(wss_url(server, "b", "public"), ssl=insecure()) as b:
+                wss_connect(wss_url(server, "b", "public")) as b:
             assert recv_json(a) == {"type": "OPEN"} and recv_json(b) == {"type": "OPEN"}
             for n in range(50):
                 a.send(f'{{"type":"CANDIDATE","dst":"b","payload":{n}}}')
