@@ -14,9 +14,10 @@ peersig's handshake deadline then closed the connection, and the test failed 5 s
 ``wss_connect`` makes the TCP connection and the TLS handshake itself, reads until the
 session has its ticket, and only then hands the socket to ``websockets``. peersig sends
 one ticket (``num_tickets`` in peersig/tls.py). A server that sent more would send them
-in one flight, and the read that finds the first takes those that have arrived with it. Both threads still share the SSL object
-afterwards, but nothing else reaches a client unasked before its request. Browsers are not
-affected: their TLS stacks use one connection from one thread.
+in one flight, and the read that finds the first takes those that have arrived with it.
+Both threads still share the SSL object afterwards, but nothing else reaches a client
+unasked before its request. Browsers are not affected: their TLS stacks use one
+connection from one thread.
 """
 
 from __future__ import annotations
